@@ -1,0 +1,68 @@
+"""Backend registry and selection: explicit argument > NNFAST_BACKEND > automatic.
+
+A backend is a module with:
+
+- ``unavailable() -> str | None``: why it cannot run at all on this machine (None when it can);
+- ``unsupported(x, weight, bias) -> str | None``: why it cannot run these inputs;
+- ``forward(x, weight, bias, act, save) -> (out, pre)``: x ``(M, K)`` (any strides), weight
+  ``(N, K)``, bias ``(N,)`` or None; ``pre`` is the pre-activation when ``save`` is true, else an
+  empty tensor;
+- ``backward(grad_out, x, weight, saved, act, needs) -> (grad_x, grad_w, grad_b)``: ``saved`` is the
+  output or the pre-activation (``act.from_output``); gradients not in ``needs`` may be None.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+from torch import Tensor
+
+NAMES: tuple[str, ...] = ("reference", "triton")
+ENV_VAR = "NNFAST_BACKEND"
+
+# Automatic choice, best first, by device type.
+_AUTO: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "reference"),
+    "cpu": ("reference",),
+}
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called ``name`` (imported on first use: triton is slow to import)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)}")
+    return importlib.import_module(f"nnfast._backends.{name}")
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine."""
+    return [n for n in NAMES if get(n).unavailable() is None]
+
+
+def why_not(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """Why backend ``name`` cannot run these inputs, or None when it can."""
+    backend = get(name)
+    return backend.unavailable() or backend.unsupported(x, weight, bias)
+
+
+def select(requested: str | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+    """Pick the backend for one call; an explicit request that cannot run raises and says why."""
+    source = "backend="
+    if requested is None and os.environ.get(ENV_VAR):
+        requested, source = os.environ[ENV_VAR], f"{ENV_VAR}="
+    if requested is not None:
+        name = requested.strip().lower()
+        if name not in NAMES:
+            raise ValueError(
+                f"{source}{requested!r} is not a backend; expected one of {', '.join(NAMES)}"
+            )
+        reason = why_not(name, x, weight, bias)
+        if reason is not None:
+            raise RuntimeError(f"{source}{requested!r} cannot run these inputs: {reason}")
+        return name
+    for name in _AUTO.get(x.device.type, ("reference",)):
+        if why_not(name, x, weight, bias) is None:
+            return name
+    return "reference"

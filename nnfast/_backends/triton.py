@@ -1,0 +1,220 @@
+"""Triton backend: launches the kernels in ``nnfast.kernels.dense``.
+
+Runs CUDA tensors, or CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
+Triton is imported), which is how it is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from nnfast.activations import ActivationSpec
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+@functools.cache
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return f"triton cannot be imported ({type(e).__name__}: {e}); install it with pip install triton"
+    return None
+
+
+def unavailable() -> str | None:
+    reason = _import_error()
+    if reason is not None:
+        return reason
+    if not _interpreting() and not torch.cuda.is_available():
+        return (
+            "Triton kernels need a CUDA GPU and none is available; set TRITON_INTERPRET=1 before"
+            " importing triton to run them on CPU tensors with the (slow) interpreter"
+        )
+    return None
+
+
+def unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
+        return (
+            f"the triton backend runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got"
+            f" tensors on {x.device}"
+        )
+    if x.dtype not in _DTYPES:
+        return f"the triton backend supports float32, float16 and bfloat16, got {x.dtype}"
+    return None
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # float32 honours torch.backends.cuda.matmul.allow_tf32, as torch.mm does.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward) launchers: autotuned on a GPU, one small config under the interpreter,
+    where every config would be run by the autotuner at interpreter speed."""
+    import triton
+
+    from nnfast.kernels import dense as k
+
+    if _interpreting():
+        one = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+        fwd = functools.partial(_with_meta, k.dense_fwd_kernel, one)
+        bwd = functools.partial(_with_meta, k.dense_bwd_kernel, one)
+        return fwd, bwd, 32
+
+    def cfg(bm, bn, bk, stages, warps):
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+    # The tile shapes of Triton tutorial 03 plus small-M tiles (M <= 64 is common in inference).
+    fwd_configs = [
+        cfg(128, 256, 64, 3, 8),
+        cfg(256, 128, 64, 3, 8),
+        cfg(128, 128, 64, 4, 8),
+        cfg(64, 256, 32, 4, 4),
+        cfg(128, 128, 32, 4, 4),
+        cfg(128, 64, 32, 4, 4),
+        cfg(64, 128, 32, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+        cfg(32, 64, 64, 5, 2),
+        cfg(16, 128, 64, 4, 4),
+        cfg(16, 64, 128, 4, 4),
+    ]
+    # Backward tiles: BLOCK_N is the reduction (out_features), BLOCK_K the grad_x columns.
+    bwd_configs = [
+        cfg(128, 64, 128, 3, 8),
+        cfg(128, 32, 128, 4, 4),
+        cfg(64, 64, 128, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(64, 32, 64, 4, 4),
+        cfg(32, 64, 64, 4, 4),
+        cfg(16, 64, 64, 4, 4),
+    ]
+    fwd = triton.autotune(fwd_configs, key=["M", "N", "K", "STORE_PRE"])(k.dense_fwd_kernel)
+    # The bias partials live in a zeroed buffer sized for the smallest BLOCK_M: restore it after
+    # every timed config so that only the chosen config's sums remain.
+    bwd = triton.autotune(
+        bwd_configs, key=["M", "N", "K", "COMPUTE_GX"], restore_value=["gb_ptr"]
+    )(k.dense_bwd_kernel)
+    min_bm = min(c.kwargs["BLOCK_M"] for c in bwd_configs)
+    return (lambda grid, **a: fwd[grid](**a)), (lambda grid, **a: bwd[grid](**a)), min_bm
+
+
+def _with_meta(kernel, meta, grid, **args):
+    return kernel[grid](**args, **meta)
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, save: bool
+) -> tuple[Tensor, Tensor]:
+    import triton
+
+    (m, k), n = x.shape, weight.shape[0]
+    out = x.new_empty(m, n)
+    pre = x.new_empty(m, n) if save else x.new_empty(0)
+    if m == 0 or n == 0:
+        return out, pre
+    if k == 0:  # nothing to multiply: f(bias)
+        z = x.new_zeros(m, n) if bias is None else bias.expand(m, n)
+        out.copy_(act(z))
+        if save:
+            pre.copy_(z)
+        return out, pre
+    fwd, _, _ = _kernels()
+    fwd(
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        x_ptr=x,
+        w_ptr=weight,
+        b_ptr=bias if bias is not None else out,
+        out_ptr=out,
+        pre_ptr=pre if save else out,
+        M=m,
+        N=n,
+        K=k,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        param=act.param,
+        ACT=act.act.code,
+        HAS_BIAS=bias is not None,
+        STORE_PRE=save,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    return out, pre
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    act: ActivationSpec,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    import triton
+
+    need_x, need_w, need_b = needs
+    m, n = grad_out.shape
+    k = weight.shape[1] if need_x else x.shape[1]
+    if act.is_identity or m == 0 or n == 0 or k == 0:
+        gp = grad_out if act.is_identity else _reference_grad_pre(grad_out, saved, act)
+        grad_x = gp @ weight if need_x else None
+        grad_b = gp.sum(0) if need_b else None
+    else:
+        _, bwd, min_bm = _kernels()
+        grad_x = grad_out.new_empty(m, k) if need_x else None
+        gp = grad_out.new_empty(m, n) if need_w else None
+        partial = (
+            torch.zeros(triton.cdiv(m, min_bm), n, device=grad_out.device, dtype=torch.float32)
+            if need_b
+            else None
+        )
+        placeholder = grad_out
+        bwd(
+            lambda meta: (
+                triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(k, meta["BLOCK_K"]) if need_x else 1),
+            ),
+            go_ptr=grad_out,
+            s_ptr=saved,
+            w_ptr=weight if need_x else placeholder,
+            gx_ptr=grad_x if need_x else placeholder,
+            gp_ptr=gp if need_w else placeholder,
+            gb_ptr=partial if need_b else placeholder,
+            M=m,
+            N=n,
+            K=k,
+            stride_gom=grad_out.stride(0),
+            stride_gon=grad_out.stride(1),
+            stride_wn=weight.stride(0) if need_x else 0,
+            stride_wk=weight.stride(1) if need_x else 0,
+            param=act.param,
+            ACT=act.act.code,
+            COMPUTE_GX=need_x,
+            STORE_GP=need_w,
+            HAS_BIAS=need_b,
+            INPUT_PRECISION=_input_precision(grad_out.dtype),
+        )
+        grad_b = partial.sum(0).to(grad_out.dtype) if need_b else None
+    # grad_w = grad_pre^T @ x through cuBLAS: a reduction over M (the long batch dimension), where
+    # cuBLAS picks split-K itself; a Triton version is to be measured against it on a GPU.
+    grad_w = gp.t() @ x if need_w else None
+    return grad_x, grad_w, grad_b
+
+
+def _reference_grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
+    from nnfast._backends.reference import grad_pre
+
+    return grad_pre(grad_out, saved, act)
