@@ -35,8 +35,9 @@ def tanh(x):
 @triton.jit
 def apply(x, param, ACT: tl.constexpr):
     """f(x) for float32 x; ``param`` is leaky_relu's negative_slope."""
+    # relu via where, not tl.maximum: maximum drops NaN, PyTorch's relu propagates it.
     if ACT == RELU:
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0, 0.0, x)
     elif ACT == LEAKY_RELU:
         y = tl.where(x > 0, x, x * param)
     elif ACT == GELU:
@@ -50,7 +51,7 @@ def apply(x, param, ACT: tl.constexpr):
     elif ACT == TANH:
         y = tanh(x)
     elif ACT == SQUARED_RELU:
-        r = tl.maximum(x, 0.0)
+        r = tl.where(x < 0, 0.0, x)
         y = r * r
     else:
         y = x

@@ -33,16 +33,21 @@ def dense_fwd(
     save_pre: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """x: (M, K), weight: (N, K), bias: (N,) or None -> out (M, N), pre (M, N) or (0,)."""
-    out, pre = _backends.get(backend).forward(x, weight, bias, _spec(activation, param), save_pre)
-    return out, pre
+    """x: (M, K), weight: (N, K), bias: (N,) or None -> out (M, N), pre (M, N) or (0,).
+
+    ``save_pre`` must be true whenever a gradient will be asked for and the activation's
+    derivative reads the pre-activation; ``functional.dense`` decides it.
+    """
+    spec = _spec(activation, param)
+    save = save_pre and spec.saves_pre  # the output serves activations that read it
+    return _backends.get(backend).forward(x, weight, bias, spec, save)
 
 
 @dense_fwd.register_fake
 def _(x, weight, bias, activation, param, save_pre, backend):
     m, n = x.shape[0], weight.shape[0]
-    out = x.new_empty(m, n)
-    return out, (x.new_empty(m, n) if save_pre else x.new_empty(0))
+    save = save_pre and _spec(activation, param).saves_pre
+    return x.new_empty(m, n), (x.new_empty(m, n) if save else x.new_empty(0))
 
 
 @torch.library.custom_op("nnfast::dense_bwd", mutates_args=())
@@ -66,18 +71,16 @@ def dense_bwd(
     grads = _backends.get(backend).backward(
         grad_out, x, weight, saved, _spec(activation, param), needs
     )
-    empty = grad_out.new_empty(0)
-    return tuple(g if (need and g is not None) else empty for g, need in zip(grads, needs))
+    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
 
 
 @dense_bwd.register_fake
 def _(grad_out, x, weight, saved, activation, param, needs_x, needs_w, needs_b, backend):
     m, n = grad_out.shape
-    empty = grad_out.new_empty(0)
     return (
-        grad_out.new_empty(m, weight.shape[1]) if needs_x else empty,
-        grad_out.new_empty(n, x.shape[1]) if needs_w else empty,
-        grad_out.new_empty(n) if needs_b else empty,
+        grad_out.new_empty(m, weight.shape[1]) if needs_x else grad_out.new_empty(0),
+        grad_out.new_empty(n, x.shape[1]) if needs_w else grad_out.new_empty(0),
+        grad_out.new_empty(n) if needs_b else grad_out.new_empty(0),
     )
 
 
@@ -85,12 +88,22 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> No
     x, weight, bias, activation, param, save_pre, backend = inputs
     out, pre = output
     spec = _spec(activation, param)
+    # The second output (pre) is internal: without this, autograd fills an (M, N) zero gradient
+    # for it on every backward.
+    ctx.set_materialize_grads(False)
     ctx.activation, ctx.param, ctx.backend = activation, param, backend
     ctx.has_bias = bias is not None
     if spec.is_identity:
         saved = out.new_empty(0)
+    elif spec.from_output:
+        saved = out
+    elif save_pre:
+        saved = pre
     else:
-        saved = out if spec.from_output else pre
+        raise RuntimeError(
+            f"nnfast::dense_fwd was called with save_pre=False for {activation!r} while gradients"
+            " are required; call nnfast.dense(), which sets it"
+        )
     # Keep only what the asked-for gradients read: x for grad_w, weight for grad_x.
     needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ctx.save_for_backward(
@@ -100,7 +113,9 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> No
     )
 
 
-def _backward(ctx: Any, grad_out: Tensor, grad_pre_unused: Tensor) -> tuple:
+def _backward(ctx: Any, grad_out: Tensor | None, grad_pre_unused: Tensor | None) -> tuple:
+    if grad_out is None:
+        return (None,) * 7
     x, weight, saved = ctx.saved_tensors
     needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     needs_b = ctx.has_bias and ctx.needs_input_grad[2]

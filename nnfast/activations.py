@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ class Activation:
     from_output: bool = False  # grad reads the output y instead of the pre-activation
     aliases: tuple[str, ...] = ()
     default_param: float = 0.0  # leaky_relu's negative_slope; unused elsewhere
+    # grad_out * f'(pre) in one PyTorch kernel (the one eager autograd runs); the reference
+    # backend's fast path. None: grad_out * grad(saved).
+    vjp: Callable[[Tensor, Tensor, float], Tensor] | None = None
 
     def grad_from_output(self, param: float) -> bool:
         """Whether backward evaluates ``grad`` on the output.
@@ -81,25 +85,41 @@ TABLE: tuple[Activation, ...] = (
         # relu'(x) = [x > 0] = [y > 0]
         grad=lambda y, p: (y > 0).to(y.dtype),
         from_output=True,
+        vjp=lambda g, y, p: torch.ops.aten.threshold_backward(g, y, 0),
     ),
     Activation(
         "leaky_relu",
         2,
         fn=lambda x, p: F.leaky_relu(x, p),
         # leaky_relu'(x) = 1 if x > 0 else slope; with slope >= 0, x > 0 <=> y > 0
-        grad=lambda s, p: torch.where(s > 0, 1.0, p).to(s.dtype),
+        grad=lambda s, p: torch.ones_like(s).masked_fill_(~(s > 0), p),
         from_output=True,
         default_param=0.01,
+        vjp=lambda g, s, p: torch.ops.aten.leaky_relu_backward(g, s, p, False),
     ),
-    Activation("gelu", 3, fn=lambda x, p: F.gelu(x), grad=_gelu_grad),
+    Activation(
+        "gelu",
+        3,
+        fn=lambda x, p: F.gelu(x),
+        grad=_gelu_grad,
+        vjp=lambda g, x, p: torch.ops.aten.gelu_backward(g, x),
+    ),
     Activation(
         "gelu_tanh",
         4,
         fn=lambda x, p: F.gelu(x, approximate="tanh"),
         grad=_gelu_tanh_grad,
         aliases=("gelu_approx", "gelu_new"),
+        vjp=lambda g, x, p: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
     ),
-    Activation("silu", 5, fn=lambda x, p: F.silu(x), grad=_silu_grad, aliases=("swish",)),
+    Activation(
+        "silu",
+        5,
+        fn=lambda x, p: F.silu(x),
+        grad=_silu_grad,
+        aliases=("swish",),
+        vjp=lambda g, x, p: torch.ops.aten.silu_backward(g, x),
+    ),
     Activation(
         "sigmoid",
         6,
@@ -107,6 +127,7 @@ TABLE: tuple[Activation, ...] = (
         # s'(x) = y (1 - y)
         grad=lambda y, p: y * (1.0 - y),
         from_output=True,
+        vjp=lambda g, y, p: torch.ops.aten.sigmoid_backward(g, y),
     ),
     Activation(
         "tanh",
@@ -115,6 +136,7 @@ TABLE: tuple[Activation, ...] = (
         # tanh'(x) = 1 - y^2
         grad=lambda y, p: 1.0 - y * y,
         from_output=True,
+        vjp=lambda g, y, p: torch.ops.aten.tanh_backward(g, y),
     ),
     Activation(
         "squared_relu",

@@ -64,11 +64,15 @@ def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
+    if not isinstance(x, Tensor):
+        return x, weight, bias  # reported by the argument checks
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias)]
+    cast = [
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias)
+    ]
     return cast[0], cast[1], cast[2]
 
 
@@ -97,7 +101,7 @@ def dense(
     act = resolve(activation)
     x, weight, bias = _autocast(x, weight, bias)
     _check_dense_args(x, weight, bias)
-    name = _backends.select(backend, x, weight, bias)
+    name = _backends.select(backend, x.device.type, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # copies only when the leading dims cannot be flattened
     needs_grad = torch.is_grad_enabled() and any(

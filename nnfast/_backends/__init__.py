@@ -3,7 +3,8 @@
 A backend is a module with:
 
 - ``unavailable() -> str | None``: why it cannot run at all on this machine (None when it can);
-- ``unsupported(x, weight, bias) -> str | None``: why it cannot run these inputs;
+- ``unsupported(device_type, dtype) -> str | None``: why it cannot run tensors of this device type
+  and dtype;
 - ``forward(x, weight, bias, act, save) -> (out, pre)``: x ``(M, K)`` (any strides), weight
   ``(N, K)``, bias ``(N,)`` or None; ``pre`` is the pre-activation when ``save`` is true, else an
   empty tensor;
@@ -17,7 +18,7 @@ import importlib
 import os
 from types import ModuleType
 
-from torch import Tensor
+import torch
 
 NAMES: tuple[str, ...] = ("reference", "triton")
 ENV_VAR = "NNFAST_BACKEND"
@@ -41,13 +42,16 @@ def available_backends() -> list[str]:
     return [n for n in NAMES if get(n).unavailable() is None]
 
 
-def why_not(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+def why_not(name: str, device_type: str, dtype: torch.dtype) -> str | None:
     """Why backend ``name`` cannot run these inputs, or None when it can."""
     backend = get(name)
-    return backend.unavailable() or backend.unsupported(x, weight, bias)
+    return backend.unavailable() or backend.unsupported(device_type, dtype)
 
 
-def select(requested: str | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+# A constant for torch.compile: traced once per (request, device type, dtype), so the choice costs
+# nothing in compiled graphs (NNFAST_BACKEND is read at trace time there).
+@torch.compiler.assume_constant_result
+def select(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     """Pick the backend for one call; an explicit request that cannot run raises and says why."""
     source = "backend="
     if requested is None and os.environ.get(ENV_VAR):
@@ -58,11 +62,11 @@ def select(requested: str | None, x: Tensor, weight: Tensor, bias: Tensor | None
             raise ValueError(
                 f"{source}{requested!r} is not a backend; expected one of {', '.join(NAMES)}"
             )
-        reason = why_not(name, x, weight, bias)
+        reason = why_not(name, device_type, dtype)
         if reason is not None:
             raise RuntimeError(f"{source}{requested!r} cannot run these inputs: {reason}")
         return name
-    for name in _AUTO.get(x.device.type, ("reference",)):
-        if why_not(name, x, weight, bias) is None:
+    for name in _AUTO.get(device_type, ("reference",)):
+        if why_not(name, device_type, dtype) is None:
             return name
     return "reference"

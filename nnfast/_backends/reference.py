@@ -13,7 +13,7 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None
 
 
@@ -29,6 +29,8 @@ def grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
     """dL/dpre = dL/dy * f'(pre), computed in float32 for 16-bit dtypes, returned in their dtype."""
     if act.is_identity:
         return grad_out
+    if act.act.vjp is not None:
+        return act.act.vjp(grad_out, saved, act.param)
     compute = torch.promote_types(saved.dtype, torch.float32)
     return (grad_out.to(compute) * act.grad(saved.to(compute))).to(grad_out.dtype)
 

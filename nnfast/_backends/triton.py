@@ -42,14 +42,14 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
-    if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
+def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
+    if device_type != "cuda" and not (_interpreting() and device_type == "cpu"):
         return (
             f"the triton backend runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got"
-            f" tensors on {x.device}"
+            f" {device_type} tensors"
         )
-    if x.dtype not in _DTYPES:
-        return f"the triton backend supports float32, float16 and bfloat16, got {x.dtype}"
+    if dtype not in _DTYPES:
+        return f"the triton backend supports float32, float16 and bfloat16, got {dtype}"
     return None
 
 
@@ -105,9 +105,9 @@ def _kernels():
     fwd = triton.autotune(fwd_configs, key=["M", "N", "K", "STORE_PRE"])(k.dense_fwd_kernel)
     # The bias partials live in a zeroed buffer sized for the smallest BLOCK_M: restore it after
     # every timed config so that only the chosen config's sums remain.
-    bwd = triton.autotune(
-        bwd_configs, key=["M", "N", "K", "COMPUTE_GX"], restore_value=["gb_ptr"]
-    )(k.dense_bwd_kernel)
+    bwd = triton.autotune(bwd_configs, key=["M", "N", "K", "COMPUTE_GX"], restore_value=["gb_ptr"])(
+        k.dense_bwd_kernel
+    )
     min_bm = min(c.kwargs["BLOCK_M"] for c in bwd_configs)
     return (lambda grid, **a: fwd[grid](**a)), (lambda grid, **a: bwd[grid](**a)), min_bm
 
@@ -185,7 +185,8 @@ def backward(
         placeholder = grad_out
         bwd(
             lambda meta: (
-                triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(k, meta["BLOCK_K"]) if need_x else 1),
+                triton.cdiv(m, meta["BLOCK_M"])
+                * (triton.cdiv(k, meta["BLOCK_K"]) if need_x else 1),
             ),
             go_ptr=grad_out,
             s_ptr=saved,

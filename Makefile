@@ -1,0 +1,31 @@
+# make test   : create .venv if absent, install pinned dependencies and nnfast, run the tests
+# make bench  : the benchmark suite on this machine's device (markdown table, CSV and plot)
+PYTHON_SYS ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nnfast-installed
+
+.PHONY: test bench lint install clean
+
+$(PY):
+	$(PYTHON_SYS) -m venv $(VENV)
+
+$(STAMP): $(PY) requirements-dev.txt setup.py pyproject.toml
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dense.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf build *.egg-info $(STAMP)

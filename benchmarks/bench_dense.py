@@ -1,0 +1,202 @@
+"""Single fused dense layer: nnfast backends vs eager Linear+activation vs torch.compile and the
+strongest native alternatives, forward / backward / forward+backward.
+
+    python benchmarks/bench_dense.py                      # default grid for this machine's device
+    python benchmarks/bench_dense.py --quick              # a small smoke grid
+    python benchmarks/bench_dense.py --shapes 4096x1024x4096 --dtypes bf16 --activations gelu,relu
+
+A shape MxKxN is x (M, K) @ W^T (K -> N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+import nnfast  # noqa: E402
+from nnfast import _backends  # noqa: E402
+from nnfast.activations import resolve  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOPS_PER_MAC = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
+
+CPU_SHAPES = ["4096x1024x4096", "8192x512x2048", "65536x64x64"]
+CPU_QUICK = ["1024x256x1024", "8192x64x64"]
+GPU_SHAPES = [
+    "1x4096x4096",
+    "16x4096x4095",
+    "256x4096x11008",
+    "4096x4096x4096",
+    "8192x8192x8192",
+    "16384x4096x14336",
+    "65536x64x64",
+]
+GPU_QUICK = ["256x1024x1024", "4096x4096x4096"]
+
+# oneDNN's fused linear post-ops, by nnfast activation name: (attr, scalars, algorithm)
+ONEDNN = {
+    "identity": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "silu": ("swish", [], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+
+def providers(device: str, activation: str, dtype: torch.dtype) -> dict[str, tuple[Callable, bool]]:
+    """name -> (fn(x, w, b), supports backward)."""
+    act = resolve(activation)
+
+    def eager(x, w, b):
+        return act(F.linear(x, w, b))
+
+    out: dict[str, tuple[Callable, bool]] = {}
+    for name in _backends.NAMES:
+        if _backends.why_not(name, device, dtype) is None:
+            out[f"nnfast-{name}"] = (
+                lambda x, w, b, n=name: nnfast.dense(x, w, b, act, backend=n),
+                True,
+            )
+    out["eager"] = (eager, True)
+    out["compile"] = (torch.compile(eager, dynamic=False), True)
+    if device == "cuda":
+        out["compile-max-autotune"] = (
+            torch.compile(eager, dynamic=False, mode="max-autotune-no-cudagraphs"),
+            True,
+        )
+        if act.name in ("relu", "gelu_tanh"):
+            use_gelu = act.name == "gelu_tanh"  # _addmm_activation's GELU is the tanh form
+            out["addmm_activation"] = (
+                lambda x, w, b: torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu),
+                False,
+            )
+    elif act.name in ONEDNN and act.param in (0.0, act.act.default_param):
+        attr, scalars, algo = ONEDNN[act.name]
+        out["onednn"] = (
+            lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, attr, scalars, algo),
+            False,
+        )
+    return out
+
+
+def measure(fn, mode: str, sets: Callable, device: str, min_run_time: float):
+    if mode == "fwd":
+
+        def run():
+            x, w, b, _ = sets()
+            with torch.no_grad():
+                return fn(x, w, b)
+
+    elif mode == "bwd":
+        graphs = {}
+
+        def run():
+            x, w, b, g = sets()
+            key = id(x)
+            if key not in graphs:  # forward once per input set; time backward only
+                graphs[key] = fn(x, w, b)
+            return torch.autograd.grad(graphs[key], (x, w, b), g, retain_graph=True)
+
+    else:
+
+        def run():
+            x, w, b, g = sets()
+            return torch.autograd.grad(fn(x, w, b), (x, w, b), g)
+
+    return harness.time_fn(run, device, min_run_time), harness.peak_memory_mb(run, device)
+
+
+def main(argv=None) -> list[harness.Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default=harness.default_device())
+    p.add_argument("--shapes", help="comma-separated MxKxN")
+    p.add_argument("--dtypes", help="comma-separated of fp32,bf16,fp16")
+    p.add_argument("--activations", default="gelu")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated of fwd,bwd,fwd+bwd")
+    p.add_argument("--quick", action="store_true", help="small grid, short timing")
+    p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds per measurement")
+    p.add_argument("--out-dir", type=Path, default=harness.RESULTS)
+    p.add_argument("--name", default="bench_dense", help="CSV/PNG file stem")
+    args = p.parse_args(argv)
+
+    gpu = args.device == "cuda"
+    shapes = args.shapes.split(",") if args.shapes else None
+    if shapes is None:
+        shapes = (
+            (GPU_QUICK if args.quick else GPU_SHAPES)
+            if gpu
+            else (CPU_QUICK if args.quick else CPU_SHAPES)
+        )
+    dtypes = (args.dtypes or ("bf16" if gpu else "fp32")).split(",")
+    min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
+    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+
+        def tqdm(it, **_):
+            return it
+
+    jobs = [
+        (s, d, a, m)
+        for s in shapes
+        for d in dtypes
+        for a in args.activations.split(",")
+        for m in args.modes.split(",")
+    ]
+    rows: list[harness.Row] = []
+    print(f"# bench_dense on {harness.machine_line()}", flush=True)
+    for shape, dname, activation, mode in tqdm(jobs, desc="bench_dense", file=sys.stderr):
+        m, k, n = (int(v) for v in shape.split("x"))
+        dtype = DTYPES[dname]
+
+        def make(m=m, k=k, n=n, dtype=dtype):
+            x = torch.randn(m, k, device=args.device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(n, k, device=args.device) / k**0.5).to(dtype).requires_grad_()
+            b = torch.randn(n, device=args.device, dtype=dtype, requires_grad=True)
+            g = torch.randn(m, n, device=args.device, dtype=dtype)
+            return x, w, b, g
+
+        sets = harness.rotating(make, (m * k + n * k + 2 * m * n) * dtype.itemsize)
+        for name, (fn, has_bwd) in providers(args.device, activation, dtype).items():
+            if mode != "fwd" and not has_bwd:
+                continue
+            t, peak = measure(fn, mode, sets, args.device, min_run_time)
+            flops = FLOPS_PER_MAC[mode] * m * k * n
+            rows.append(
+                harness.Row(
+                    "dense",
+                    name,
+                    mode,
+                    shape,
+                    dname,
+                    activation,
+                    t.median_ms,
+                    t.spread_ms,
+                    flops / (t.median_ms * 1e-3) / scale,
+                    unit,
+                    peak,
+                )
+            )
+    alts = ["eager", "compile", "compile-max-autotune", "onednn", "addmm_activation"]
+    print(harness.markdown(rows, alternatives=alts))
+    csv_path = harness.write_csv(rows, args.name, args.out_dir)
+    png = harness.plot(rows, args.name, "nnfast dense: throughput", args.out_dir)
+    print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The one benchmark harness: timing, memory, machine record, markdown/CSV/PNG output.
+
+CPU timings use torch.utils.benchmark.Timer.blocked_autorange (median and IQR over blocks);
+GPU timings use triton.testing.do_bench (median, 20th/80th percentiles). Ratios between providers
+are meaningful only within one run; absolute times hold only for the machine recorded beside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    info = {
+        "cpu": cpu_model(),
+        "cores": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = "absent"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def machine_line() -> str:
+    return ", ".join(f"{k} {v}" for k, v in machine().items())
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    spread_ms: float  # CPU: interquartile range; GPU: 80th - 20th percentile
+
+
+def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0) -> Timing:
+    """Median time of ``fn()`` after warm-up."""
+    if device == "cuda":
+        import triton.testing
+
+        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        return Timing(med, hi - lo)
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first calls compile or allocate)
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return Timing(m.median * 1e3, m.iqr * 1e3)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated during ``fn()`` above what was allocated before (GPU only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def rotating(make: Callable[[], tuple], nbytes: int, cache_bytes: int = 64 * 2**20) -> Callable:
+    """A function that cycles through enough input sets that they do not all sit in cache."""
+    count = max(1, min(8, -(-2 * cache_bytes // max(nbytes, 1))))
+    sets = [make() for _ in range(count)]
+    state = {"i": 0}
+
+    def next_set() -> tuple:
+        state["i"] = (state["i"] + 1) % count
+        return sets[state["i"]]
+
+    return next_set
+
+
+@dataclass
+class Row:
+    bench: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    activation: str
+    median_ms: float
+    spread_ms: float
+    throughput: float  # TFLOP/s on GPU, GFLOP/s on CPU (see ``unit``)
+    unit: str
+    peak_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def markdown(rows: Sequence[Row], baseline: str = "eager", alternatives: Sequence[str] = ()) -> str:
+    """A table with ratios: time / eager time, and time / the best alternative's time."""
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((r.mode, r.shape, r.dtype, r.activation), {})[r.provider] = r
+    lines = [
+        "| mode | shape | dtype | act | provider | ms (median ± spread) | throughput | vs eager | vs best alt |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (mode, shape, dtype, act), by in groups.items():
+        base = by.get(baseline)
+        alts = [by[a].median_ms for a in alternatives if a in by]
+        best_alt = min(alts) if alts else None
+        for name, r in by.items():
+            vs_eager = f"{r.median_ms / base.median_ms:.2f}x" if base else "-"
+            vs_alt = f"{r.median_ms / best_alt:.2f}x" if best_alt else "-"
+            lines.append(
+                f"| {mode} | {shape} | {dtype} | {act} | {name} | {r.median_ms:.3f} ± "
+                f"{r.spread_ms:.3f} | {r.throughput:.1f} {r.unit} | {vs_eager} | {vs_alt} |"
+            )
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Row], name: str, out_dir: Path = RESULTS) -> Path:
+    """Append rows (with the machine and a timestamp) to ``out_dir/name.csv``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.csv"
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info = machine()
+    fields = ["time", *[f for f in asdict(rows[0]) if f != "extra"], *info]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"time": stamp, **asdict(r), **info})
+    return path
+
+
+def plot(rows: Sequence[Row], name: str, title: str, out_dir: Path = RESULTS) -> Path | None:
+    """Throughput vs problem size, one line per provider, one panel per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r.mode == mode]
+        shapes = list(dict.fromkeys(r.shape for r in sel))
+        for provider in dict.fromkeys(r.provider for r in sel):
+            pts = {r.shape: r.throughput for r in sel if r.provider == provider}
+            ax.plot(
+                range(len(shapes)), [pts.get(s, float("nan")) for s in shapes], "o-", label=provider
+            )
+        ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)
+        ax.set_title(mode)
+        ax.set_ylabel(sel[0].unit if sel else "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\n{machine_line()}", fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,11 @@
+"""Test set-up: without a GPU the Triton backend runs on CPU tensors under the interpreter.
+
+TRITON_INTERPRET must be set before Triton is imported, hence here, before anything imports nnfast.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
