@@ -20,13 +20,13 @@ from types import ModuleType
 
 import torch
 
-NAMES: tuple[str, ...] = ("reference", "triton")
+NAMES: tuple[str, ...] = ("reference", "triton", "extension")
 ENV_VAR = "NNFAST_BACKEND"
 
 # Automatic choice, best first, by device type.
 _AUTO: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "reference"),
-    "cpu": ("reference",),
+    "cuda": ("triton", "extension", "reference"),
+    "cpu": ("extension", "reference"),
 }
 
 

@@ -1,0 +1,308 @@
+// CPU kernels for nnfast_ext::dense_fwd / dense_bwd.
+//
+// Forward: GEMM (MKL/oneDNN through at::mm) then a vectorized epilogue (bias + activation, and the
+// pre-activation when backward needs it). When the weight is small enough to stay in cache
+// (kSmallWeightBytes), rows are processed in blocks: each thread multiplies a row block and applies
+// the epilogue while that output block is still in L2, so the (M, N) output crosses memory once.
+// Otherwise one multi-threaded GEMM is followed by one parallel epilogue pass.
+//
+// Backward: one vectorized pass computes grad_pre = grad_out * f'(saved) together with the bias
+// gradient (per-thread column sums), then the two GEMMs. With a small weight (float32/float64),
+// the row-block version also does the GEMMs per block: grad_x rows are written and grad_w is
+// accumulated per thread while grad_pre is in cache.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../activations.h"
+#include "../check.h"
+
+namespace nnfast {
+
+using at::vec::Vectorized;
+
+template <>
+struct Math<Vectorized<float>> {
+  using V = Vectorized<float>;
+  static V splat(double v) { return V(static_cast<float>(v)); }
+  static V exp(const V& x) { return x.exp(); }
+  static V erf(const V& x) { return x.erf(); }
+  static V tanh(const V& x) { return x.tanh(); }
+  static V select_pos(const V& s, const V& a, const V& b) {
+    return V::blendv(b, a, s > V(0.f));
+  }
+  static V select_neg(const V& s, const V& a, const V& b) {
+    return V::blendv(b, a, s < V(0.f));
+  }
+};
+
+namespace {
+
+// Row blocks are used when the weight fits in this many bytes: the per-block GEMM then re-reads a
+// cached weight. 64x64 and 512x512 float weights qualify; 1024x4096 does not (16 MB), and there
+// one large GEMM avoids re-packing the weight for every block.
+constexpr int64_t kSmallWeightBytes = 1 << 20;
+constexpr int64_t kRowBlock = 256;
+
+// ---- float rows: the vectorized primitives every dtype goes through ----------------------------
+
+// dst = f(src + bias); pre = src + bias when pre != nullptr. dst may alias src.
+template <int ACT>
+void fwd_row(const float* src, const float* bias, float* pre, float* dst, int64_t n, float param) {
+  using V = Vectorized<float>;
+  const V p(param);
+  int64_t j = 0;
+  for (; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    V x = V::loadu(src + j, c);
+    if (bias) x = x + V::loadu(bias + j, c);
+    if (pre) x.store(pre + j, c);
+    act_forward<ACT>(x, p).store(dst + j, c);
+  }
+}
+
+// gp = g * f'(s); colsum += gp.
+template <int ACT>
+void bwd_row(const float* g, const float* s, float* gp, float* colsum, int64_t n, float param) {
+  using V = Vectorized<float>;
+  const V p(param);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    V d = V::loadu(g + j, c);
+    if constexpr (ACT != IDENTITY) d = d * act_grad<ACT>(V::loadu(s + j, c), p);
+    d.store(gp + j, c);
+    if (colsum) (V::loadu(colsum + j, c) + d).store(colsum + j, c);
+  }
+}
+
+// ---- per-dtype row adapters ----------------------------------------------------------------------
+
+// Per-thread float scratch rows for 16-bit dtypes (converted in, computed, converted out).
+struct Scratch {
+  std::vector<float> a, b, c;
+  void ensure(int64_t n) {
+    if (static_cast<int64_t>(a.size()) < n) a.resize(n), b.resize(n), c.resize(n);
+  }
+};
+thread_local Scratch scratch;
+
+template <int ACT, typename scalar_t>
+void fwd_rows(const scalar_t* acc, const float* bias, scalar_t* pre, scalar_t* out, int64_t r0,
+              int64_t r1, int64_t n, float param) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* src = acc + i * n;
+    scalar_t* dst = out + i * n;
+    scalar_t* pr = pre ? pre + i * n : nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      fwd_row<ACT>(src, bias, pr, dst, n, param);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      for (int64_t j = 0; j < n; ++j) {
+        double x = src[j];  // float64 bias is added by the GEMM
+        if (pr) pr[j] = x;
+        dst[j] = act_forward<ACT>(x, static_cast<double>(param));
+      }
+    } else {
+      scratch.ensure(n);
+      at::vec::convert(src, scratch.a.data(), n);
+      fwd_row<ACT>(scratch.a.data(), bias, pr ? scratch.b.data() : nullptr, scratch.a.data(), n,
+                   param);
+      at::vec::convert(scratch.a.data(), dst, n);
+      if (pr) at::vec::convert(scratch.b.data(), pr, n);
+    }
+  }
+}
+
+template <int ACT, typename scalar_t>
+void bwd_rows(const scalar_t* g, const scalar_t* s, scalar_t* gp, at::opmath_type<scalar_t>* colsum,
+              int64_t r0,
+              int64_t r1, int64_t n, float param) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* gi = g + i * n;
+    const scalar_t* si = s ? s + i * n : nullptr;
+    scalar_t* gpi = gp + i * n;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      bwd_row<ACT>(gi, si, gpi, colsum, n, param);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      for (int64_t j = 0; j < n; ++j) {
+        double d = gi[j];
+        if constexpr (ACT != IDENTITY) d *= act_grad<ACT>(static_cast<double>(si[j]), double(param));
+        gpi[j] = d;
+        if (colsum) colsum[j] += d;
+      }
+    } else {
+      scratch.ensure(n);
+      at::vec::convert(gi, scratch.a.data(), n);
+      if (si) at::vec::convert(si, scratch.b.data(), n);
+      bwd_row<ACT>(scratch.a.data(), scratch.b.data(), scratch.c.data(), nullptr, n, param);
+      // round grad_pre to the dtype first: the bias gradient sums what the GEMMs see
+      at::vec::convert(scratch.c.data(), gpi, n);
+      if (colsum) {
+        at::vec::convert(gpi, scratch.c.data(), n);
+        for (int64_t j = 0; j < n; ++j) colsum[j] += scratch.c[j];
+      }
+    }
+  }
+}
+
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+bool small_weight(const at::Tensor& w) { return w.numel() * w.element_size() <= kSmallWeightBytes; }
+
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                 const c10::optional<at::Tensor>& bias,
+                                                 int64_t act, double param, bool save_pre) {
+  check_fwd_args(x, weight, bias, act);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the op has no autograd of its own
+  const int64_t m = x.size(0), n = weight.size(0);
+  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor pre = save_pre ? at::empty({m, n}, x.options()) : at::empty({0}, x.options());
+  if (m == 0 || n == 0) return {out, pre};
+  const at::Tensor wt = weight.t();
+  // 16-bit outputs: the GEMM adds the bias to its float accumulator before the single rounding
+  // (as addmm does in eager PyTorch); adding it after a rounded GEMM result loses bits to
+  // cancellation. float64 keeps its bias in float64 the same way. float32 adds it in the
+  // epilogue, which saves addmm's bias-fill pass over the output.
+  const bool bias_in_gemm = bias.has_value() && x.scalar_type() != at::kFloat;
+  const at::Tensor bf = bias_in_gemm ? at::Tensor() : float_bias(bias);
+  const float* bptr = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const float p = static_cast<float>(param);
+  auto gemm = [&](at::Tensor& dst, const at::Tensor& a) {
+    if (bias_in_gemm) {
+      at::addmm_out(dst, *bias, a, wt);
+    } else {
+      at::mm_out(dst, a, wt);
+    }
+  };
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_fwd_cpu", [&] {
+    scalar_t* optr = out.data_ptr<scalar_t>();
+    scalar_t* pptr = save_pre ? pre.data_ptr<scalar_t>() : nullptr;
+    dispatch_act(static_cast<int>(act), [&](auto a) {
+      constexpr int ACT = decltype(a)::value;
+      if (small_weight(weight)) {
+        // Row blocks: GEMM into the output block, epilogue while it is in cache.
+        const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          // Worker threads do not inherit the caller's below-autograd dispatch state.
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t r0 = b * kRowBlock, r1 = std::min(m, r0 + kRowBlock);
+            at::Tensor blk = out.narrow(0, r0, r1 - r0);
+            gemm(blk, x.narrow(0, r0, r1 - r0));
+            fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, p);
+          }
+        });
+      } else {
+        gemm(out, x);
+        at::parallel_for(0, m, grain_rows(n), [&](int64_t r0, int64_t r1) {
+          fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, p);
+        });
+      }
+    });
+  });
+  return {out, pre};
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& saved_, int64_t act, double param, bool needs_x, bool needs_w,
+    bool needs_b) {
+  TORCH_CHECK(act >= 0 && act < NUM_ACTS, "nnfast_ext: unknown activation code ", act);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor g = grad_out_.contiguous();
+  const at::Tensor saved = act == IDENTITY ? saved_ : saved_.contiguous();
+  const int64_t m = g.size(0), n = g.size(1);
+  const int64_t k = needs_x ? weight.size(1) : x.size(1);
+  TORCH_CHECK(act == IDENTITY || saved.sizes() == g.sizes(),
+              "nnfast_ext::dense_bwd: saved tensor has shape ", saved.sizes(),
+              " but grad_out has shape ", g.sizes());
+  auto opts = g.options();
+  at::Tensor gx = needs_x ? at::empty({m, k}, opts) : at::empty({0}, opts);
+  at::Tensor gw = needs_w ? at::empty({n, k}, opts) : at::empty({0}, opts);
+  at::Tensor gb = needs_b ? at::empty({n}, opts) : at::empty({0}, opts);
+  if (m == 0 || n == 0) {  // empty batch (or no outputs): zero gradients
+    return {gx.zero_(), gw.zero_(), gb.zero_()};
+  }
+  const float p = static_cast<float>(param);
+  const int threads = at::get_num_threads();
+  const bool blocked = small_weight(weight) &&
+                       (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "dense_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for float64
+    // Per-thread column sums of grad_pre: the bias gradient without atomics or a second pass.
+    std::vector<acc_t> colsums(needs_b ? static_cast<size_t>(threads) * n : 0, acc_t(0));
+    auto colsum_of = [&](int tid) { return needs_b ? colsums.data() + size_t(tid) * n : nullptr; };
+    const scalar_t* gptr = g.data_ptr<scalar_t>();
+    const scalar_t* sptr = act == IDENTITY ? nullptr : saved.data_ptr<scalar_t>();
+    dispatch_act(static_cast<int>(act), [&](auto a) {
+      constexpr int ACT = decltype(a)::value;
+      if (blocked) {
+        // Row blocks: grad_pre block -> grad_x rows and this thread's grad_w, while in cache.
+        const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+        std::vector<at::Tensor> gw_parts(threads);
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          const int tid = at::get_thread_num();
+          at::Tensor gp = at::empty({kRowBlock, n}, opts);
+          at::Tensor& gwt = gw_parts[tid];
+          if (needs_w && !gwt.defined()) gwt = at::zeros({n, k}, opts);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t r0 = b * kRowBlock, rows = std::min(m, r0 + kRowBlock) - r0;
+            at::Tensor gpb = gp.narrow(0, 0, rows);
+            bwd_rows<ACT>(gptr + r0 * n, sptr ? sptr + r0 * n : nullptr, gpb.data_ptr<scalar_t>(),
+                          colsum_of(tid), 0, rows, n, p);
+            if (needs_x) {
+              at::Tensor gxb = gx.narrow(0, r0, rows);
+              at::mm_out(gxb, gpb, weight);
+            }
+            if (needs_w) gwt.addmm_(gpb.t(), x.narrow(0, r0, rows));
+          }
+        });
+        if (needs_w) {
+          gw.zero_();
+          for (auto& part : gw_parts)
+            if (part.defined()) gw.add_(part);
+        }
+      } else {
+        at::Tensor gp = ACT == IDENTITY && !needs_b ? g : at::empty({m, n}, opts);
+        if (!(ACT == IDENTITY && !needs_b)) {
+          at::parallel_for(0, m, grain_rows(n), [&](int64_t r0, int64_t r1) {
+            bwd_rows<ACT>(gptr, sptr, gp.data_ptr<scalar_t>(), colsum_of(at::get_thread_num()), r0,
+                          r1, n, p);
+          });
+        }
+        if (needs_x) at::mm_out(gx, gp, weight);
+        if (needs_w) at::mm_out(gw, gp.t(), x);
+      }
+    });
+    if (needs_b) {
+      auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+      gb.copy_(at::from_blob(colsums.data(), {threads, n}, acc_type).sum(0));
+    }
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nnfast_ext, CPU, m) {
+  m.impl("dense_fwd", &dense_fwd_cpu);
+  m.impl("dense_bwd", &dense_bwd_cpu);
+}
+
+}  // namespace nnfast

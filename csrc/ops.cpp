@@ -1,0 +1,23 @@
+// nnfast._C: operator schemas. Device implementations register in cpu/*.cpp and cuda/*.cu;
+// fake kernels and autograd live in Python (nnfast/_backends/extension.py, nnfast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty Python module, so that `import nnfast._C` loads the library and its registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(nnfast_ext, m) {
+  // x: (M, K) any strides, weight: (N, K), bias: (N,) -> out (M, N), pre (M, N) or (0,).
+  // act is the activation table's code; param is leaky_relu's negative_slope.
+  m.def(
+      "dense_fwd(Tensor x, Tensor weight, Tensor? bias, int act, float param, bool save_pre)"
+      " -> (Tensor, Tensor)");
+  // saved: the output or the pre-activation (see activations.h grad_reads_output), (0,) for
+  // identity. Gradients not needed come back as (0,) tensors.
+  m.def(
+      "dense_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, int act, float param,"
+      " bool needs_x, bool needs_w, bool needs_b) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,137 @@
+"""C++/CUDA extension backend: calls the ops of nnfast._C (``torch.ops.nnfast_ext``).
+
+nnfast._C is built by ``pip install`` (setup.py). Where it is not prebuilt (a plain source
+checkout, a GPU machine), it is compiled on first use with torch.utils.cpp_extension.load + ninja
+into a cache directory (``NNFAST_CACHE``, default ~/.cache/nnfast), saying so once. If that fails,
+automatic selection falls back to another backend with one warning; an explicit
+``backend="extension"`` raises with the compiler's message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nnfast import _build
+from nnfast.activations import ActivationSpec
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("NNFAST_CACHE", Path.home() / ".cache" / "nnfast"))
+    flavour = f"cuda{torch.version.cuda}" if _build.want_cuda() else "cpu"
+    return base / f"torch{torch.__version__.split('+')[0]}-{flavour}"
+
+
+def jit_build(build_dir: Path | None = None, verbose: bool = False) -> None:
+    """Compile and load the extension with ninja (cached in ``build_dir``)."""
+    from torch.utils import cpp_extension
+
+    build_dir = Path(build_dir or cache_dir())
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = _build.cpu_sources()
+    kwargs = {}
+    if _build.want_cuda() and _build.cuda_sources():
+        sources += _build.cuda_sources()
+        kwargs = {"extra_cuda_cflags": _build.nvcc_flags()}
+    cpp_extension.load(
+        name="nnfast_C",
+        sources=sources,
+        extra_cflags=_build.cxx_flags(),
+        extra_ldflags=_build.link_flags() + (["-lcublasLt"] if kwargs else []),
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+@functools.cache
+def _load_error() -> str | None:
+    """Load nnfast._C (prebuilt, else JIT-built); the reason it failed, or None."""
+    if os.environ.get("NNFAST_FORCE_JIT", "0") != "1":
+        try:
+            import nnfast._C  # noqa: F401
+
+            return _register_fakes()
+        except ImportError:
+            pass
+    print(
+        f"nnfast: compiling the C++ extension (first use; cached in {cache_dir()})...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        jit_build()
+    except Exception as e:  # a compiler error, missing ninja, ...
+        msg = f"building nnfast._C failed: {type(e).__name__}: {e}"
+        warnings.warn(
+            "nnfast: the C++ extension could not be built, so another backend is used;"
+            " pass backend='extension' to see the compiler's message",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return msg
+    return _register_fakes()
+
+
+def _register_fakes() -> None:
+    if not hasattr(torch.ops.nnfast_ext, "dense_fwd"):
+        return "nnfast._C loaded but registered no nnfast_ext ops"
+
+    @torch.library.register_fake("nnfast_ext::dense_fwd")
+    def _(x, weight, bias, act, param, save_pre):
+        m, n = x.shape[0], weight.shape[0]
+        return x.new_empty(m, n), (x.new_empty(m, n) if save_pre else x.new_empty(0))
+
+    @torch.library.register_fake("nnfast_ext::dense_bwd")
+    def _(grad_out, x, weight, saved, act, param, needs_x, needs_w, needs_b):
+        m, n = grad_out.shape
+        return (
+            grad_out.new_empty(m, weight.shape[1]) if needs_x else grad_out.new_empty(0),
+            grad_out.new_empty(n, x.shape[1]) if needs_w else grad_out.new_empty(0),
+            grad_out.new_empty(n) if needs_b else grad_out.new_empty(0),
+        )
+
+    return None
+
+
+def unavailable() -> str | None:
+    return _load_error()
+
+
+def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
+    if dtype not in _DTYPES:
+        return f"the extension backend supports float32, float64, float16 and bfloat16, got {dtype}"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "nnfast_ext::dense_fwd", key
+    ):
+        return f"nnfast._C was built without {device_type} kernels"
+    return None
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, save: bool
+) -> tuple[Tensor, Tensor]:
+    return torch.ops.nnfast_ext.dense_fwd(x, weight, bias, act.act.code, act.param, save)
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    act: ActivationSpec,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.nnfast_ext.dense_bwd(
+        grad_out, x, weight, saved, act.act.code, act.param, *needs
+    )
