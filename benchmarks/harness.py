@@ -70,7 +70,8 @@ def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0) ->
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up (first calls compile or allocate)
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return Timing(m.median * 1e3, m.iqr * 1e3)
 
 

@@ -177,3 +177,18 @@ def test_autocast_casts_like_linear():
     assert out.dtype == want.dtype == torch.bfloat16
     ref = torch_dense(x.double(), w.double(), b.double(), "relu")
     assert_close(out, torch.relu(want), ref, "autocast output")
+
+
+@pytest.mark.parametrize("case", ["odd", "transposed", "M1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", nnfast.ACTIVATIONS)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_inference_matches_reference(backend, device, activation, dtype, case):
+    # no gradient needed: the forward stores no pre-activation (and may take other fast paths)
+    skip_unsupported(backend, device, dtype)
+    x = make_x(case, dtype, device)
+    w, b = make_weight(CASES[case][1], x.shape[-1], dtype, device)
+    with torch.no_grad():
+        out = nnfast.dense(x, w, b, activation, backend=backend)
+    ref = torch_dense(x.double(), w.double(), b.double(), activation)
+    assert_close(out, torch_dense(x, w, b, activation), ref, "inference output")

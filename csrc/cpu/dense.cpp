@@ -48,7 +48,7 @@ namespace {
 // cached weight. 64x64 and 512x512 float weights qualify; 1024x4096 does not (16 MB), and there
 // one large GEMM avoids re-packing the weight for every block.
 constexpr int64_t kSmallWeightBytes = 1 << 20;
-constexpr int64_t kRowBlock = 256;
+constexpr int64_t kRowBlock = 1024;
 
 // ---- float rows: the vectorized primitives every dtype goes through ----------------------------
 

@@ -118,9 +118,37 @@ def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+# oneDNN inner product with the activation as a post-op: on CPU it beats GEMM + epilogue pass
+# (65536x64->64 fp32 gelu: 3.0 ms vs 4.6 ms on 2 Xeon cores), but it cannot also store the
+# pre-activation, and its relu/leaky_relu turn NaN into 0, so only these rows use it.
+_ONEDNN = {
+    "identity": ("none", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "silu": ("swish", ""),
+    "sigmoid": ("sigmoid", ""),
+    "tanh": ("tanh", ""),
+}
+
+
+def _use_onednn(x: Tensor, weight: Tensor, act: ActivationSpec, save: bool) -> bool:
+    return (
+        not save
+        and act.name in _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.shape[1] > 0
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, save: bool
 ) -> tuple[Tensor, Tensor]:
+    if _use_onednn(x, weight, act, save):
+        attr, algorithm = _ONEDNN[act.name]
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+        return out, x.new_empty(0)
     return torch.ops.nnfast_ext.dense_fwd(x, weight, bias, act.act.code, act.param, save)
 
 
