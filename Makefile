@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnfast-installed
 
-.PHONY: test bench lint install clean
+.PHONY: test bench lint install clean check-cuda
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
+
+# nvcc -c of every .cu for sm_80 and sm_90 (no GPU needed); says so and passes where nvcc is absent
+check-cuda: $(STAMP)
+	$(PY) tools/check_cuda.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
