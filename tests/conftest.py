@@ -9,3 +9,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# On a GPU: one fixed Triton config instead of autotuning every shape the tests meet.
+os.environ.setdefault("NNFAST_TRITON_AUTOTUNE", "0")
