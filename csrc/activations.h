@@ -27,8 +27,17 @@ enum Act : int {
   SIGMOID = 6,
   TANH = 7,
   SQUARED_RELU = 8,
-  NUM_ACTS = 9,
+  // Gated rows: y = base(gate) * up, weight (2N, K) with gate rows then up rows.
+  SWIGLU = 9,
+  GEGLU = 10,
+  REGLU = 11,
+  NUM_ACTS = 12,
 };
+
+// The elementwise activation of a gated code, or -1 for an elementwise code.
+constexpr int gated_base(int act) {
+  return act == SWIGLU ? SILU : act == GEGLU ? GELU : act == REGLU ? RELU : -1;
+}
 
 // double constants: exact for the float64 kernels, rounded once when splat into float.
 constexpr double kSqrt2OverPi = 0.7978845608028654;

@@ -25,6 +25,9 @@ inline void check_fwd_args(const at::Tensor& x, const at::Tensor& weight,
                 x.scalar_type(), " but bias has dtype ", bias->scalar_type());
   }
   TORCH_CHECK(act >= 0 && act < NUM_ACTS, "nnfast_ext: unknown activation code ", act);
+  TORCH_CHECK(gated_base(static_cast<int>(act)) < 0 || weight.size(0) % 2 == 0,
+              "nnfast_ext::dense_fwd: a gated activation needs a weight with 2 * out_features rows"
+              " (gate rows then up rows), got shape ", weight.sizes());
 }
 
 }  // namespace nnfast

@@ -32,9 +32,9 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def dense_fwd_kernel(
     x_ptr,  # (M, K), any strides
     w_ptr,  # (N, K), any strides
-    b_ptr,  # (N,)
+    b_ptr,  # (N,), or (2N,) when GATED
     out_ptr,  # (M, N), contiguous
-    pre_ptr,  # (M, N), contiguous; written when STORE_PRE
+    pre_ptr,  # (M, N), or (M, 2N) [gate, up] when GATED; contiguous; written when STORE_PRE
     M,
     N,
     K,
@@ -46,6 +46,7 @@ def dense_fwd_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    GATED: tl.constexpr,  # y = act(x W_g^T + b_g) * (x W_u^T + b_u); W rows [0, N) gate, [N, 2N) up
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -64,21 +65,34 @@ def dense_fwd_kernel(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # used when GATED
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if GATED:  # the up rows sit N rows below the gate rows
+            b_up = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(b_ptr + N + cols).to(tl.float32)[None, :]
     out = act.apply(acc, param, ACT)
-    offs = offs_m[:, None] * N + offs_n[None, :]
+    if GATED:
+        out = out * acc_up
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask
+    )
     if STORE_PRE:
-        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        pre_n = 2 * N if GATED else N  # row length of pre
+        pre_ptrs = pre_ptr + offs_m[:, None] * pre_n + offs_n[None, :]
+        tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(pre_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,3 +162,42 @@ def dense_bwd_kernel(
             acc.to(gx_ptr.dtype.element_ty),
             mask=m_mask[:, None] & (offs_k[None, :] < K),
         )
+
+
+@triton.jit
+def gated_bwd_kernel(
+    go_ptr,  # (M, N) grad of the output, any strides
+    pre_ptr,  # (M, 2N) [gate, up] pre-activation, contiguous
+    gp_ptr,  # (M, 2N) grad_pre, contiguous
+    gb_ptr,  # (cdiv(M, BLOCK_M), 2N) float32 bias-gradient partial sums; written when HAS_BIAS
+    M,
+    N,
+    stride_gom,
+    stride_gon,
+    param,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # y = f(gate) * up:  dL/dgate = dL/dy * up * f'(gate),  dL/dup = dL/dy * f(gate)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    go = tl.load(
+        go_ptr + offs_m[:, None] * stride_gom + offs_n[None, :] * stride_gon, mask=mask, other=0.0
+    ).to(tl.float32)
+    pre = pre_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
+    gate = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(pre + N, mask=mask, other=0.0).to(tl.float32)
+    g_gate = (go * up * act.grad(gate, param, ACT)).to(gp_ptr.dtype.element_ty)
+    g_up = (go * act.apply(gate, param, ACT)).to(gp_ptr.dtype.element_ty)
+    gp = gp_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
+    tl.store(gp, g_gate, mask=mask)
+    tl.store(gp + N, g_up, mask=mask)
+    if HAS_BIAS:
+        gb = gb_ptr + pid_m * (2 * N) + offs_n
+        tl.store(gb, tl.sum(g_gate.to(tl.float32), axis=0), mask=offs_n < N)
+        tl.store(gb + N, tl.sum(g_up.to(tl.float32), axis=0), mask=offs_n < N)

@@ -45,9 +45,10 @@ def dense_fwd(
 
 @dense_fwd.register_fake
 def _(x, weight, bias, activation, param, save_pre, backend):
+    spec = _spec(activation, param)
     m, n = x.shape[0], weight.shape[0]
-    save = save_pre and _spec(activation, param).saves_pre
-    return x.new_empty(m, n), (x.new_empty(m, n) if save else x.new_empty(0))
+    save = save_pre and spec.saves_pre
+    return x.new_empty(m, spec.out_features(n)), (x.new_empty(m, n) if save else x.new_empty(0))
 
 
 @torch.library.custom_op("nnfast::dense_bwd", mutates_args=())
@@ -63,7 +64,8 @@ def dense_bwd(
     needs_b: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_out: (M, N), x: (M, K), weight: (N, K), saved: (M, N) or (0,) for identity.
+    """grad_out: (M, N'), x: (M, K), weight: (N, K), saved: (M, N) or (0,) for identity
+    (N' = N, or N/2 for gated activations).
 
     Returns grad_x (M, K), grad_w (N, K), grad_b (N,); each (0,) when not needed.
     """
@@ -76,7 +78,8 @@ def dense_bwd(
 
 @dense_bwd.register_fake
 def _(grad_out, x, weight, saved, activation, param, needs_x, needs_w, needs_b, backend):
-    m, n = grad_out.shape
+    m = grad_out.shape[0]
+    n = 2 * grad_out.shape[1] if _spec(activation, param).is_gated else grad_out.shape[1]
     return (
         grad_out.new_empty(m, weight.shape[1]) if needs_x else grad_out.new_empty(0),
         grad_out.new_empty(n, x.shape[1]) if needs_w else grad_out.new_empty(0),
@@ -147,3 +150,164 @@ def _backward(ctx: Any, grad_out: Tensor | None, grad_pre_unused: Tensor | None)
 
 
 dense_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the whole MLP as one op: one saved tensor per hidden layer, or none with recompute ----------
+#
+# Hidden layer i keeps what its backward reads: its output y_i when f' is a function of the output
+# (relu, sigmoid, tanh, ...), else its pre-activation p_i. Layer i+1 keeps nothing of its own: its
+# input is y_i, which backward takes from what layer i kept (recomputing f(p_i) when needed), so no
+# layer holds both a pre-activation and a post-activation. The last layer has no activation.
+
+
+def _layer_specs(spec: ActivationSpec, n: int) -> list[ActivationSpec]:
+    return [spec] * (n - 1) + [_spec("identity", 0.0)]
+
+
+@torch.library.custom_op("nnfast::mlp_fwd", mutates_args=())
+def mlp_fwd(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activation: str,
+    param: float,
+    save: bool,
+    backend: str,
+) -> tuple[Tensor, list[Tensor]]:
+    """x: (M, K) -> out (M, N_last), and per hidden layer the tensor its backward reads."""
+    be = _backends.get(backend)
+    h, saved = x, []
+    for i, (w, b, a) in enumerate(
+        zip(weights, biases, _layer_specs(_spec(activation, param), len(weights)))
+    ):
+        out, pre = be.forward(h, w, b, a, save and a.saves_pre)
+        if save and i < len(weights) - 1:
+            saved.append(pre if a.saves_pre else out)
+        h = out
+    return h, saved
+
+
+@mlp_fwd.register_fake
+def _(x, weights, biases, activation, param, save, backend):
+    spec = _spec(activation, param)
+    m, last = x.shape[0], len(weights) - 1
+    saved = []
+    for w in weights[:last]:
+        rows = w.shape[0]
+        if save:
+            saved.append(x.new_empty(m, rows if spec.saves_pre else spec.out_features(rows)))
+    return x.new_empty(m, weights[last].shape[0]), saved
+
+
+def _layer_input(spec: ActivationSpec, kept: Tensor) -> Tensor:
+    """A hidden layer's output from what it kept: the output itself, or f(pre) recomputed."""
+    return kept if spec.from_output else spec(kept)
+
+
+@torch.library.custom_op("nnfast::mlp_bwd", mutates_args=())
+def mlp_bwd(
+    grad_out: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    has_bias: list[bool],
+    saved: list[Tensor],
+    activation: str,
+    param: float,
+    needs_x: bool,
+    needs_w: bool,
+    needs_b: bool,
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Layer by layer from the last: grad_x (M, K) and per layer grad_w, grad_b ((0,) if unused)."""
+    be = _backends.get(backend)
+    specs = _layer_specs(_spec(activation, param), len(weights))
+    g = grad_out
+    # distinct empty placeholders: custom op outputs may not alias each other
+    grad_ws = [grad_out.new_empty(0) for _ in weights]
+    grad_bs = [grad_out.new_empty(0) for _ in weights]
+    for i in reversed(range(len(weights))):
+        x_i = x if i == 0 else _layer_input(specs[i - 1], saved[i - 1])
+        kept = saved[i] if i < len(weights) - 1 else g.new_empty(0)
+        need_x = needs_x if i == 0 else True
+        gx, gw, gb = be.backward(
+            g, x_i, weights[i], kept, specs[i], (need_x, needs_w, needs_b and has_bias[i])
+        )
+        if needs_w:
+            grad_ws[i] = gw
+        if needs_b and has_bias[i]:
+            grad_bs[i] = gb
+        g = gx
+    return (g if needs_x else grad_out.new_empty(0)), grad_ws, grad_bs
+
+
+@mlp_bwd.register_fake
+def _(grad_out, x, weights, has_bias, saved, activation, param, needs_x, needs_w, needs_b, backend):
+    m = grad_out.shape[0]
+    return (
+        grad_out.new_empty(m, weights[0].shape[1]) if needs_x else grad_out.new_empty(0),
+        [grad_out.new_empty(w.shape) if needs_w else grad_out.new_empty(0) for w in weights],
+        [
+            grad_out.new_empty(w.shape[0]) if needs_b and hb else grad_out.new_empty(0)
+            for w, hb in zip(weights, has_bias)
+        ],
+    )
+
+
+def _mlp_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weights, biases, activation, param, save, backend = inputs
+    _, saved = output
+    ctx.set_materialize_grads(False)
+    ctx.activation, ctx.param, ctx.backend = activation, param, backend
+    ctx.num_layers = len(weights)
+    ctx.has_bias = [b is not None for b in biases]
+    ctx.needs = (
+        x.requires_grad,
+        any(w.requires_grad for w in weights),
+        any(b is not None and b.requires_grad for b in biases),
+    )
+    # Without saved tensors (checkpoint), backward reruns the forward from x.
+    ctx.recompute = not save and ctx.num_layers > 1
+    ctx.save_for_backward(x, *weights, *[b for b in biases if b is not None], *saved)
+
+
+def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) -> tuple:
+    n = ctx.num_layers
+    tensors = ctx.saved_tensors
+    x, weights = tensors[0], list(tensors[1 : 1 + n])
+    it = iter(tensors[1 + n : 1 + n + sum(ctx.has_bias)])
+    biases = [next(it) if hb else None for hb in ctx.has_bias]
+    saved = list(tensors[1 + n + sum(ctx.has_bias) :])
+    # An all-None bias list reaches autograd as a single None leaf: answer in that structure.
+    no_bias = None if not any(ctx.has_bias) else [None] * n
+    if grad_out is None:
+        return None, [None] * n, no_bias, None, None, None, None
+    if ctx.recompute:
+        _, saved = mlp_fwd(x, weights, biases, ctx.activation, ctx.param, True, ctx.backend)
+    needs_x, needs_w, needs_b = ctx.needs
+    gx, gws, gbs = mlp_bwd(
+        grad_out,
+        x,
+        weights,
+        ctx.has_bias,
+        saved,
+        ctx.activation,
+        ctx.param,
+        needs_x,
+        needs_w,
+        needs_b,
+        ctx.backend,
+    )
+    return (
+        gx if needs_x else None,
+        [gw if needs_w else None for gw in gws],
+        [gb if (needs_b and hb) else None for gb, hb in zip(gbs, ctx.has_bias)]
+        if any(ctx.has_bias)
+        else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

@@ -60,6 +60,9 @@ class Activation:
     # grad_out * f'(pre) in one PyTorch kernel (the one eager autograd runs); the reference
     # backend's fast path. None: grad_out * grad(saved).
     vjp: Callable[[Tensor, Tensor, float], Tensor] | None = None
+    # Gated rows (swiglu, geglu, reglu): the layer's weight is (2*out, in), gate rows then up rows,
+    # and y = base(gate) * up with ``base`` the row named here. fn/grad are the base's.
+    gated_base: str | None = None
 
     def grad_from_output(self, param: float) -> bool:
         """Whether backward evaluates ``grad`` on the output.
@@ -148,9 +151,22 @@ TABLE: tuple[Activation, ...] = (
     ),
 )
 
+_BASE = {a.name: a for a in TABLE}
+TABLE = TABLE + tuple(
+    Activation(
+        name, code, fn=_BASE[base].fn, grad=_BASE[base].grad, gated_base=base, aliases=aliases
+    )
+    for name, code, base, aliases in (
+        ("swiglu", 9, "silu", ("swish_glu",)),
+        ("geglu", 10, "gelu", ()),
+        ("reglu", 11, "relu", ()),
+    )
+)
+
 BY_NAME: dict[str, Activation] = {a.name: a for a in TABLE}
 _LOOKUP: dict[str, Activation] = {n: a for a in TABLE for n in (a.name, *a.aliases)}
-NAMES: tuple[str, ...] = tuple(a.name for a in TABLE)
+NAMES: tuple[str, ...] = tuple(a.name for a in TABLE if a.gated_base is None)
+GATED_NAMES: tuple[str, ...] = tuple(a.name for a in TABLE if a.gated_base is not None)
 
 
 @dataclass(frozen=True)
@@ -165,16 +181,32 @@ class ActivationSpec:
         return self.act.name
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Reference forward with PyTorch semantics."""
+        """Reference forward with PyTorch semantics; gated: x (..., 2h) -> (..., h)."""
+        if self.is_gated:
+            gate, up = x.chunk(2, dim=-1)
+            return self.act.fn(gate, self.param) * up
         return self.act.fn(x, self.param)
 
     def grad(self, saved: Tensor) -> Tensor:
-        """f'(pre) from the tensor backward keeps (see ``from_output``)."""
+        """f'(pre) from the tensor backward keeps (see ``from_output``); elementwise rows only."""
         return self.act.grad(saved, self.param)
 
     @property
+    def is_gated(self) -> bool:
+        return self.act.gated_base is not None
+
+    @property
+    def base(self) -> ActivationSpec:
+        """The elementwise activation of a gated row (the row itself otherwise)."""
+        return ActivationSpec(BY_NAME[self.act.gated_base], self.param) if self.is_gated else self
+
+    def out_features(self, weight_rows: int) -> int:
+        """Output width for a weight with this many rows: half of them for gated rows."""
+        return weight_rows // 2 if self.is_gated else weight_rows
+
+    @property
     def from_output(self) -> bool:
-        return self.act.grad_from_output(self.param)
+        return not self.is_gated and self.act.grad_from_output(self.param)
 
     @property
     def is_identity(self) -> bool:
@@ -223,7 +255,7 @@ _FUNCTIONS: dict[Any, str] = {
 
 
 def _unknown(given: Any) -> ValueError:
-    names = ", ".join(NAMES)
+    names = ", ".join(NAMES + GATED_NAMES)
     hint = ""
     if isinstance(given, str):
         close = difflib.get_close_matches(given.lower(), list(_LOOKUP), n=1, cutoff=0.5)

@@ -22,7 +22,7 @@ def _check_tensor(fn: str, name: str, t: Any) -> None:
         )
 
 
-def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> None:
     _check_tensor("dense", "x", x)
     _check_tensor("dense", "weight", weight)
     if bias is not None:
@@ -37,6 +37,11 @@ def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError(
             f"dense(): x must have at least 1 dimension (..., in_features={in_features}),"
             " got a 0-d tensor"
+        )
+    if act.is_gated and out_features % 2 != 0:
+        raise ValueError(
+            f"dense(): {act.name} needs a weight of shape (2 * out_features, in_features), gate"
+            f" rows then up rows; got {tuple(weight.shape)} with an odd number of rows"
         )
     if x.shape[-1] != in_features:
         raise ValueError(
@@ -62,18 +67,17 @@ def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             )
 
 
-def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None):
+def _autocast_all(x: Tensor, *params: Tensor | None) -> list:
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
     if not isinstance(x, Tensor):
-        return x, weight, bias  # reported by the argument checks
+        return [x, *params]  # reported by the argument checks
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
+        return [x, *params]
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [
-        t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias)
+    return [
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, *params)
     ]
-    return cast[0], cast[1], cast[2]
 
 
 def dense(
@@ -91,16 +95,18 @@ def dense(
         weight: ``(out_features, in_features)``, the ``nn.Linear`` layout.
         bias: ``(out_features,)`` or None.
         activation: a name (see ``nnfast.activations.NAMES``), None for identity, a torch module
-            such as ``nn.GELU(approximate="tanh")`` or a function such as ``F.silu``.
+            such as ``nn.GELU(approximate="tanh")`` or a function such as ``F.silu``; or a gated
+            name ("swiglu", "geglu", "reglu"): then weight is ``(2 * out, in)``, gate rows then up
+            rows, and the result is ``base(x W_g^T + b_g) * (x W_u^T + b_u)``.
         backend: "reference", "triton" or "extension"; default: the ``NNFAST_BACKEND``
             environment variable, else the best one for the device.
 
     Returns:
-        ``(..., out_features)`` in x's dtype.
+        ``(..., out_features)`` in x's dtype (``out_features = weight.shape[0] // 2`` if gated).
     """
     act = resolve(activation)
-    x, weight, bias = _autocast(x, weight, bias)
-    _check_dense_args(x, weight, bias)
+    x, weight, bias = _autocast_all(x, weight, bias)
+    _check_dense_args(x, weight, bias, act)
     name = _backends.select(backend, x.device.type, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # copies only when the leading dims cannot be flattened
@@ -110,7 +116,7 @@ def dense(
     out, _ = _ops.dense_fwd(
         x2, weight, bias, act.name, act.param, needs_grad and act.saves_pre, name
     )
-    return out.reshape(*lead, weight.shape[0])
+    return out.reshape(*lead, out.shape[-1])
 
 
 def mlp(
@@ -119,26 +125,54 @@ def mlp(
     biases: Sequence[Tensor | None] | None = None,
     activation: Any = "gelu",
     *,
+    checkpoint: bool = False,
     backend: str | None = None,
 ) -> Tensor:
-    """A stack of dense layers: ``activation`` after every layer but the last.
+    """A stack of dense layers, ``activation`` after every layer but the last, as one op.
+
+    Each hidden layer keeps one activation-sized tensor for backward (its output, or its
+    pre-activation from which backward recomputes the output); ``checkpoint=True`` keeps only x
+    and reruns the forward in backward.
 
     Args:
         x: ``(..., in_features)``.
-        weights: ``[(h1, in_features), (h2, h1), ..., (out_features, hn)]``.
-        biases: one ``(h_i,)`` tensor or None per weight; None means no bias anywhere.
+        weights: ``[(h1, in_features), (h2, h1), ..., (out_features, hn)]``; with a gated
+            activation the hidden weights have twice the rows: ``(2 * h1, in_features)``, ...
+        biases: one ``(rows_i,)`` tensor or None per weight; None means no bias anywhere.
     """
+    weights = list(weights)
     if len(weights) == 0:
         raise ValueError("mlp(): weights is empty; expected at least one (out, in) weight")
-    if biases is None:
-        biases = [None] * len(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
     if len(biases) != len(weights):
         raise ValueError(
             f"mlp(): got {len(weights)} weights but {len(biases)} biases; pass one bias (or None)"
             " per weight"
         )
     act: ActivationSpec = resolve(activation)
+    x, *params = _autocast_all(x, *weights, *biases)
+    weights, biases = params[: len(weights)], params[len(weights) :]
     last = len(weights) - 1
+    probe = x
     for i, (w, b) in enumerate(zip(weights, biases)):
-        x = dense(x, w, b, act if i < last else None, backend=backend)
-    return x
+        layer_act = act if i < last else resolve(None)
+        try:
+            _check_dense_args(probe, w, b, layer_act)
+        except (ValueError, TypeError) as e:
+            raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
+        probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
+    name = _backends.select(backend, x.device.type, x.dtype)
+    lead = x.shape[:-1]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *weights, *biases)
+    )
+    out, _ = _ops.mlp_fwd(
+        x.reshape(-1, x.shape[-1]),
+        weights,
+        biases,
+        act.name,
+        act.param,
+        needs_grad and not checkpoint,
+        name,
+    )
+    return out.reshape(*lead, out.shape[-1])

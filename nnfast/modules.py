@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from nnfast.activations import resolve
-from nnfast.functional import dense
+from nnfast.functional import dense, mlp
 
 
 class FusedDense(nn.Linear):
@@ -28,8 +28,12 @@ class FusedDense(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.activation = resolve(activation)
+        act = resolve(activation)
+        # gated activations: weight (2 * out_features, in_features), gate rows then up rows
+        rows = 2 * out_features if act.is_gated else out_features
+        super().__init__(in_features, rows, bias=bias, device=device, dtype=dtype)
+        self.out_features = out_features
+        self.activation = act
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: Any = "gelu") -> FusedDense:
@@ -40,7 +44,7 @@ class FusedDense(nn.Linear):
             )
         layer = cls(
             linear.in_features,
-            linear.out_features,
+            resolve(activation).out_features(linear.out_features),
             bias=linear.bias is not None,
             activation=activation,
             device=linear.weight.device,
@@ -60,7 +64,10 @@ class FusedMLP(nn.Module):
     """A stack of FusedDense layers: ``activation`` after every hidden layer, none after the last.
 
     x: ``(..., in_features)`` -> ``(..., out_features)``. The layers are ``self.layers[i]``
-    (``nn.Linear`` subclasses).
+    (``nn.Linear`` subclasses). Training keeps one activation-sized tensor per hidden layer;
+    ``checkpoint=True`` keeps only the input and recomputes the rest in backward. With a gated
+    activation ("swiglu", "geglu", "reglu") each hidden layer's weight has 2 * width rows (a
+    Llama-style feed-forward for one hidden layer; see ``from_gated_linears``).
     """
 
     def __init__(
@@ -72,8 +79,10 @@ class FusedMLP(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         if isinstance(hidden_features, int):
             raise TypeError(
                 f"FusedMLP(): hidden_features must be a sequence of widths, got the int"
@@ -96,6 +105,49 @@ class FusedMLP(nn.Module):
         self.activation = act
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return mlp(
+            x,
+            [layer.weight for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            self.activation,
+            checkpoint=self.checkpoint,
+        )
+
+    @classmethod
+    def from_gated_linears(
+        cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, activation: Any = "swiglu"
+    ) -> FusedMLP:
+        """A gated feed-forward ``down(act(gate(x)) * up(x))`` from its three nn.Linear layers
+        (weights copied: gate rows then up rows form the first layer)."""
+        spec = resolve(activation)
+        if not spec.is_gated:
+            raise ValueError(
+                f"FusedMLP.from_gated_linears(): activation must be gated (swiglu, geglu, reglu),"
+                f" got {spec!r}"
+            )
+        if gate.weight.shape != up.weight.shape or down.in_features != gate.out_features:
+            raise ValueError(
+                "FusedMLP.from_gated_linears(): expected gate and up of one shape (h, in) and"
+                f" down of shape (out, h); got gate {tuple(gate.weight.shape)}, up"
+                f" {tuple(up.weight.shape)}, down {tuple(down.weight.shape)}"
+            )
+        if (gate.bias is None) != (up.bias is None) or (gate.bias is None) != (down.bias is None):
+            raise ValueError(
+                "FusedMLP.from_gated_linears(): gate, up and down must all have biases or none"
+            )
+        model = cls(
+            gate.in_features,
+            [gate.out_features],
+            down.out_features,
+            activation=spec,
+            bias=gate.bias is not None,
+            device=gate.weight.device,
+            dtype=gate.weight.dtype,
+        )
+        with torch.no_grad():
+            model.layers[0].weight.copy_(torch.cat([gate.weight, up.weight]))
+            model.layers[1].weight.copy_(down.weight)
+            if gate.bias is not None:
+                model.layers[0].bias.copy_(torch.cat([gate.bias, up.bias]))
+                model.layers[1].bias.copy_(down.bias)
+        return model

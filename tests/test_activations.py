@@ -79,7 +79,7 @@ def test_module_subclass_is_rejected():
         resolve(MyReLU())
 
 
-@pytest.mark.parametrize("row", TABLE, ids=lambda a: a.name)
+@pytest.mark.parametrize("row", [a for a in TABLE if a.gated_base is None], ids=lambda a: a.name)
 def test_table_derivative_matches_autograd(row):
     # f' evaluated on what backward keeps (output or pre-activation) vs autograd of f, float64
     for param in {row.default_param, 0.3, -0.2} if row.name == "leaky_relu" else {0.0}:

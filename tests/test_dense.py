@@ -7,6 +7,7 @@ import torch
 
 import nnfast
 from helpers import assert_close, backend_devices, make_weight, skip_unsupported, torch_dense
+from nnfast.activations import GATED_NAMES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -83,6 +84,19 @@ def test_dense_matches_reference(backend, device, activation, dtype, bias, case)
     skip_unsupported(backend, device, dtype)
     x = make_x(case, dtype, device)
     w, b = make_weight(CASES[case][1], x.shape[-1], dtype, device, bias)
+    check_dense(backend, device, activation, dtype, x, w, b)
+
+
+@pytest.mark.parametrize("case", ["M1", "N1", "odd", "3d", "transposed", "empty"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", GATED_NAMES)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_gated_matches_reference(backend, device, activation, dtype, bias, case):
+    # weight (2N, K): gate rows then up rows; y = base(x W_g^T + b_g) * (x W_u^T + b_u)
+    skip_unsupported(backend, device, dtype)
+    x = make_x(case, dtype, device)
+    w, b = make_weight(2 * CASES[case][1], x.shape[-1], dtype, device, bias)
     check_dense(backend, device, activation, dtype, x, w, b)
 
 

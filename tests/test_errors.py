@@ -93,3 +93,10 @@ def test_mlp_argument_errors():
 def test_fused_mlp_hidden_int_is_explained():
     with pytest.raises(TypeError, match=r"write \[64\] for one hidden layer"):
         nnfast.FusedMLP(8, 64, 4)
+
+
+def test_gated_weight_needs_even_rows():
+    with pytest.raises(
+        ValueError, match=r"swiglu needs a weight of shape \(2 \* out_features, in_features\)"
+    ):
+        nnfast.dense(torch.randn(4, 8), torch.randn(7, 8), activation="swiglu")

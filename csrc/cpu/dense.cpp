@@ -81,6 +81,31 @@ void bwd_row(const float* g, const float* s, float* gp, float* colsum, int64_t n
   }
 }
 
+// Gated: dst = f(gate) * up.
+template <int ACT>
+void gated_fwd_row(const float* gate, const float* up, float* dst, int64_t n, float param) {
+  using V = Vectorized<float>;
+  const V p(param);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    (act_forward<ACT>(V::loadu(gate + j, c), p) * V::loadu(up + j, c)).store(dst + j, c);
+  }
+}
+
+// Gated: g_gate = g * up * f'(gate), g_up = g * f(gate).
+template <int ACT>
+void gated_bwd_row(const float* g, const float* gate, const float* up, float* g_gate, float* g_up,
+                   int64_t n, float param) {
+  using V = Vectorized<float>;
+  const V p(param);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    const V gv = V::loadu(g + j, c), gt = V::loadu(gate + j, c);
+    (gv * V::loadu(up + j, c) * act_grad<ACT>(gt, p)).store(g_gate + j, c);
+    (gv * act_forward<ACT>(gt, p)).store(g_up + j, c);
+  }
+}
+
 // ---- per-dtype row adapters ----------------------------------------------------------------------
 
 // Per-thread float scratch rows for 16-bit dtypes (converted in, computed, converted out).
@@ -150,6 +175,55 @@ void bwd_rows(const scalar_t* g, const scalar_t* s, scalar_t* gp, at::opmath_typ
   }
 }
 
+// Gated rows through float: pre (rows, 2n) -> out (rows, n); 16-bit and float64 via conversion.
+template <int ACT, typename scalar_t>
+void gated_fwd_rows(const scalar_t* pre, scalar_t* out, int64_t r0, int64_t r1, int64_t n,
+                    float param) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* pi = pre + i * 2 * n;
+    scalar_t* oi = out + i * n;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      gated_fwd_row<ACT>(pi, pi + n, oi, n, param);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      for (int64_t j = 0; j < n; ++j) oi[j] = act_forward<ACT>(pi[j], double(param)) * pi[n + j];
+    } else {
+      scratch.ensure(2 * n);
+      at::vec::convert(pi, scratch.a.data(), 2 * n);
+      gated_fwd_row<ACT>(scratch.a.data(), scratch.a.data() + n, scratch.b.data(), n, param);
+      at::vec::convert(scratch.b.data(), oi, n);
+    }
+  }
+}
+
+template <int ACT, typename scalar_t>
+void gated_bwd_rows(const scalar_t* g, const scalar_t* pre, scalar_t* gp,
+                    at::opmath_type<scalar_t>* colsum, int64_t r0, int64_t r1, int64_t n,
+                    float param) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* gi = g + i * n;
+    const scalar_t* pi = pre + i * 2 * n;
+    scalar_t* gpi = gp + i * 2 * n;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      gated_bwd_row<ACT>(gi, pi, pi + n, gpi, gpi + n, n, param);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      for (int64_t j = 0; j < n; ++j) {
+        gpi[j] = gi[j] * pi[n + j] * act_grad<ACT>(pi[j], double(param));
+        gpi[n + j] = gi[j] * act_forward<ACT>(pi[j], double(param));
+      }
+    } else {
+      scratch.ensure(2 * n);
+      at::vec::convert(gi, scratch.c.data(), n);
+      at::vec::convert(pi, scratch.a.data(), 2 * n);
+      gated_bwd_row<ACT>(scratch.c.data(), scratch.a.data(), scratch.a.data() + n,
+                         scratch.b.data(), scratch.b.data() + n, n, param);
+      at::vec::convert(scratch.b.data(), gpi, 2 * n);
+    }
+    if (colsum) {
+      for (int64_t j = 0; j < 2 * n; ++j) colsum[j] += static_cast<at::opmath_type<scalar_t>>(gpi[j]);
+    }
+  }
+}
+
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
 bool small_weight(const at::Tensor& w) { return w.numel() * w.element_size() <= kSmallWeightBytes; }
@@ -165,10 +239,31 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::
                                                  int64_t act, double param, bool save_pre) {
   check_fwd_args(x, weight, bias, act);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the op has no autograd of its own
-  const int64_t m = x.size(0), n = weight.size(0);
+  const int base = gated_base(static_cast<int>(act));
+  const int64_t m = x.size(0), rows = weight.size(0), n = base >= 0 ? rows / 2 : rows;
   at::Tensor out = at::empty({m, n}, x.options());
-  at::Tensor pre = save_pre ? at::empty({m, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor pre = save_pre ? at::empty({m, rows}, x.options()) : at::empty({0}, x.options());
   if (m == 0 || n == 0) return {out, pre};
+  if (base >= 0) {
+    // Gated: one GEMM for gate and up rows (bias inside), then y = f(gate) * up per row.
+    at::Tensor acc = save_pre ? pre : at::empty({m, rows}, x.options());
+    if (bias.has_value()) {
+      at::addmm_out(acc, *bias, x, weight.t());
+    } else {
+      at::mm_out(acc, x, weight.t());
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cpu", [&] {
+      dispatch_act(base, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        const scalar_t* src = acc.data_ptr<scalar_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        at::parallel_for(0, m, grain_rows(rows), [&](int64_t r0, int64_t r1) {
+          gated_fwd_rows<ACT>(src, dst, r0, r1, n, static_cast<float>(param));
+        });
+      });
+    });
+    return {out, pre};
+  }
   const at::Tensor wt = weight.t();
   // 16-bit outputs: the GEMM adds the bias to its float accumulator before the single rounding
   // (as addmm does in eager PyTorch); adding it after a rounded GEMM result loses bits to
@@ -217,6 +312,46 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::
 
 // ---- backward --------------------------------------------------------------------------------
 
+// Gated layers: grad_pre (m, 2n) and its column sums in one pass, then the two GEMMs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& weight,
+                                                             const at::Tensor& pre, int base,
+                                                             double param, bool needs_x,
+                                                             bool needs_w, bool needs_b) {
+  const int64_t m = g.size(0), n = g.size(1), rows = 2 * n;
+  const int64_t k = needs_x ? weight.size(1) : x.size(1);
+  TORCH_CHECK(pre.dim() == 2 && pre.size(0) == m && pre.size(1) == rows,
+              "nnfast_ext::dense_bwd: a gated layer keeps its (M, 2N) pre-activation; got shape ",
+              pre.sizes(), " for grad_out of shape ", g.sizes());
+  auto opts = g.options();
+  at::Tensor gx = needs_x ? at::empty({m, k}, opts) : at::empty({0}, opts);
+  at::Tensor gw = needs_w ? at::empty({rows, k}, opts) : at::empty({0}, opts);
+  at::Tensor gb = needs_b ? at::empty({rows}, opts) : at::empty({0}, opts);
+  if (m == 0 || n == 0) return {gx.zero_(), gw.zero_(), gb.zero_()};
+  at::Tensor gp = at::empty({m, rows}, opts);
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> colsums(needs_b ? size_t(threads) * rows : 0, acc_t(0));
+    dispatch_act(base, [&](auto a) {
+      constexpr int ACT = decltype(a)::value;
+      at::parallel_for(0, m, grain_rows(rows), [&](int64_t r0, int64_t r1) {
+        acc_t* cs = needs_b ? colsums.data() + size_t(at::get_thread_num()) * rows : nullptr;
+        gated_bwd_rows<ACT>(g.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
+                            gp.data_ptr<scalar_t>(), cs, r0, r1, n, static_cast<float>(param));
+      });
+    });
+    if (needs_b) {
+      auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+      gb.copy_(at::from_blob(colsums.data(), {threads, rows}, acc_type).sum(0));
+    }
+  });
+  if (needs_x) at::mm_out(gx, gp, weight);
+  if (needs_w) at::mm_out(gw, gp.t(), x);
+  return {gx, gw, gb};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
     const at::Tensor& grad_out_, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& saved_, int64_t act, double param, bool needs_x, bool needs_w,
@@ -225,6 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor g = grad_out_.contiguous();
   const at::Tensor saved = act == IDENTITY ? saved_ : saved_.contiguous();
+  const int base = gated_base(static_cast<int>(act));
+  if (base >= 0) return gated_bwd_cpu(g, x, weight, saved, base, param, needs_x, needs_w, needs_b);
   const int64_t m = g.size(0), n = g.size(1);
   const int64_t k = needs_x ? weight.size(1) : x.size(1);
   TORCH_CHECK(act == IDENTITY || saved.sizes() == g.sizes(),

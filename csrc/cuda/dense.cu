@@ -192,6 +192,36 @@ __global__ void bwd_prologue(const scalar_t* g, const scalar_t* s, scalar_t* gp,
   }
 }
 
+// Gated: pre (rows, 2n) = [gate, up] -> out (rows, n) = f(gate) * up.
+template <int ACT, typename scalar_t>
+__global__ void gated_fwd(const scalar_t* pre, scalar_t* out, int64_t numel, int64_t n, float param) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n, c = i % n;
+    const acc_t gate = static_cast<acc_t>(pre[r * 2 * n + c]);
+    const acc_t up = static_cast<acc_t>(pre[r * 2 * n + n + c]);
+    out[i] = static_cast<scalar_t>(act_forward<ACT, acc_t>(gate, static_cast<acc_t>(param)) * up);
+  }
+}
+
+// Gated: g_gate = g * up * f'(gate), g_up = g * f(gate), into gp (rows, 2n).
+template <int ACT, typename scalar_t>
+__global__ void gated_bwd(const scalar_t* g, const scalar_t* pre, scalar_t* gp, int64_t numel,
+                          int64_t n, float param) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n, c = i % n;
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    const acc_t gate = static_cast<acc_t>(pre[r * 2 * n + c]);
+    const acc_t up = static_cast<acc_t>(pre[r * 2 * n + n + c]);
+    const acc_t p = static_cast<acc_t>(param);
+    gp[r * 2 * n + c] = static_cast<scalar_t>(gv * up * act_grad<ACT, acc_t>(gate, p));
+    gp[r * 2 * n + n + c] = static_cast<scalar_t>(gv * act_forward<ACT, acc_t>(gate, p));
+  }
+}
+
 // 16-byte packs when every pointer is aligned for them, else one element at a time.
 template <typename scalar_t>
 int pack_width(int64_t numel, std::initializer_list<const void*> ptrs) {
@@ -250,13 +280,34 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
   check_fwd_args(x_, weight, bias, act);
   c10::cuda::OptionalCUDAGuard guard(x_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t m = x_.size(0), n = weight.size(0), k = x_.size(1);
+  const int base = gated_base(static_cast<int>(act));
+  const int64_t m = x_.size(0), rows = weight.size(0), k = x_.size(1);
+  const int64_t n = base >= 0 ? rows / 2 : rows;
   at::Tensor out = at::empty({m, n}, x_.options());
-  at::Tensor pre = save_pre ? at::empty({m, n}, x_.options()) : at::empty({0}, x_.options());
+  at::Tensor pre = save_pre ? at::empty({m, rows}, x_.options()) : at::empty({0}, x_.options());
   if (m == 0 || n == 0) return {out, pre};
   const float p = static_cast<float>(param);
   const at::Tensor x = x_.stride(1) == 1 ? x_ : x_.contiguous();
   const at::Tensor w = weight.contiguous();
+
+  if (base >= 0) {  // gated: one GEMM for the gate and up rows, then f(gate) * up
+    at::Tensor acc = save_pre ? pre : at::empty({m, rows}, x.options());
+    if (bias.has_value()) {
+      at::addmm_out(acc, *bias, x, w.t());
+    } else {
+      at::mm_out(acc, x, w.t());
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_fwd_cuda", [&] {
+      dispatch_act(base, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        const int64_t numel = m * n;
+        gated_fwd<ACT, scalar_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            acc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel, n, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return {out, pre};
+  }
 
   // cuBLASLt epilogues (see the top of this file for which activations and why).
   const bool lt_act = act == IDENTITY || act == RELU || act == GELU_TANH;
@@ -306,7 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cuda(
   c10::cuda::OptionalCUDAGuard guard(grad_out.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor g = grad_out.contiguous();
-  const int64_t m = g.size(0), n = g.size(1);
+  const int base = gated_base(static_cast<int>(act));
+  const int64_t m = g.size(0), n = base >= 0 ? 2 * g.size(1) : g.size(1);  // n: weight rows
   const int64_t k = needs_x ? weight.size(1) : x_.size(1);
   auto opts = g.options();
   at::Tensor gx = needs_x ? at::empty({m, k}, opts) : at::empty({0}, opts);
@@ -315,7 +367,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cuda(
   if (m == 0 || n == 0) return {gx.zero_(), gw.zero_(), gb.zero_()};
 
   at::Tensor gp = g;
-  if (act != IDENTITY) {
+  if (base >= 0) {
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == m && saved.size(1) == n,
+                "nnfast_ext::dense_bwd: a gated layer keeps its (M, 2N) pre-activation; got shape ",
+                saved.sizes(), " for grad_out of shape ", g.sizes());
+    gp = at::empty({m, n}, opts);
+    const at::Tensor s = saved.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_bwd_cuda", [&] {
+      dispatch_act(base, [&](auto a) {
+        constexpr int ACT = decltype(a)::value;
+        const int64_t numel = g.numel();
+        gated_bwd<ACT, scalar_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(), numel,
+            g.size(1), static_cast<float>(param));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  } else if (act != IDENTITY) {
     TORCH_CHECK(saved.sizes() == g.sizes(), "nnfast_ext::dense_bwd: saved tensor has shape ",
                 saved.sizes(), " but grad_out has shape ", g.sizes());
     gp = at::empty({m, n}, opts);

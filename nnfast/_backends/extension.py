@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from nnfast import _build
-from nnfast.activations import ActivationSpec
+from nnfast.activations import TABLE, ActivationSpec
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -86,14 +86,18 @@ def _register_fakes() -> None:
     if not hasattr(torch.ops.nnfast_ext, "dense_fwd"):
         return "nnfast._C loaded but registered no nnfast_ext ops"
 
+    gated = {a.code for a in TABLE if a.gated_base is not None}
+
     @torch.library.register_fake("nnfast_ext::dense_fwd")
     def _(x, weight, bias, act, param, save_pre):
-        m, n = x.shape[0], weight.shape[0]
-        return x.new_empty(m, n), (x.new_empty(m, n) if save_pre else x.new_empty(0))
+        m, rows = x.shape[0], weight.shape[0]
+        n = rows // 2 if act in gated else rows
+        return x.new_empty(m, n), (x.new_empty(m, rows) if save_pre else x.new_empty(0))
 
     @torch.library.register_fake("nnfast_ext::dense_bwd")
     def _(grad_out, x, weight, saved, act, param, needs_x, needs_w, needs_b):
         m, n = grad_out.shape
+        n = 2 * n if act in gated else n
         return (
             grad_out.new_empty(m, weight.shape[1]) if needs_x else grad_out.new_empty(0),
             grad_out.new_empty(n, x.shape[1]) if needs_w else grad_out.new_empty(0),

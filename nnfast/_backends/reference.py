@@ -26,12 +26,21 @@ def forward(
 
 
 def grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
-    """dL/dpre = dL/dy * f'(pre), computed in float32 for 16-bit dtypes, returned in their dtype."""
+    """dL/dpre = dL/dy * f'(pre), computed in float32 for 16-bit dtypes, returned in their dtype.
+
+    Gated rows: saved is the (M, 2h) pre-activation [gate, up] and y = base(gate) * up, so
+    dL/dgate = dL/dy * up * base'(gate) and dL/dup = dL/dy * base(gate).
+    """
     if act.is_identity:
         return grad_out
+    compute = torch.promote_types(saved.dtype, torch.float32)
+    if act.is_gated:
+        gate, up = saved.to(compute).chunk(2, dim=-1)
+        g = grad_out.to(compute)
+        base = act.base
+        return torch.cat([g * up * base.grad(gate), g * base(gate)], dim=-1).to(grad_out.dtype)
     if act.act.vjp is not None:
         return act.act.vjp(grad_out, saved, act.param)
-    compute = torch.promote_types(saved.dtype, torch.float32)
     return (grad_out.to(compute) * act.grad(saved.to(compute))).to(grad_out.dtype)
 
 

@@ -151,13 +151,14 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     import triton
 
-    (m, k), n = x.shape, weight.shape[0]
+    (m, k), rows = x.shape, weight.shape[0]
+    n = act.out_features(rows)
     out = x.new_empty(m, n)
-    pre = x.new_empty(m, n) if save else x.new_empty(0)
+    pre = x.new_empty(m, rows) if save else x.new_empty(0)
     if m == 0 or n == 0:
         return out, pre
     if k == 0:  # nothing to multiply: f(bias)
-        z = x.new_zeros(m, n) if bias is None else bias.expand(m, n)
+        z = x.new_zeros(m, rows) if bias is None else bias.expand(m, rows)
         out.copy_(act(z))
         if save:
             pre.copy_(z)
@@ -178,9 +179,10 @@ def forward(
         stride_wn=weight.stride(0),
         stride_wk=weight.stride(1),
         param=act.param,
-        ACT=act.act.code,
+        ACT=act.base.act.code,
         HAS_BIAS=bias is not None,
         STORE_PRE=save,
+        GATED=act.is_gated,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
     return out, pre
@@ -199,7 +201,10 @@ def backward(
     need_x, need_w, need_b = needs
     m, n = grad_out.shape
     k = weight.shape[1] if need_x else x.shape[1]
-    if act.is_identity or m == 0 or n == 0 or k == 0:
+    if act.is_gated and m > 0 and n > 0:
+        gp, grad_b = _gated_grad_pre(grad_out, saved, act, need_b)
+        grad_x = gp @ weight if need_x else None
+    elif act.is_identity or m == 0 or n == 0 or k == 0:
         gp = grad_out if act.is_identity else _reference_grad_pre(grad_out, saved, act)
         grad_x = gp @ weight if need_x else None
         grad_b = gp.sum(0) if need_b else None
@@ -243,6 +248,39 @@ def backward(
     # cuBLAS picks split-K itself; a Triton version is to be measured against it on a GPU.
     grad_w = gp.t() @ x if need_w else None
     return grad_x, grad_w, grad_b
+
+
+def _gated_grad_pre(
+    grad_out: Tensor, pre: Tensor, act: ActivationSpec, need_b: bool
+) -> tuple[Tensor, Tensor | None]:
+    """grad_pre (M, 2N) of a gated layer and its column sums, in one elementwise kernel; the
+    GEMMs then run through cuBLAS."""
+    import triton
+
+    m, n = grad_out.shape
+    block = 32 if _interpreting() else 64
+    gp = grad_out.new_empty(m, 2 * n)
+    partial = (
+        torch.empty(triton.cdiv(m, block), 2 * n, device=grad_out.device, dtype=torch.float32)
+        if need_b
+        else gp
+    )
+    _kernel_module().gated_bwd_kernel[(triton.cdiv(m, block), triton.cdiv(n, block))](
+        grad_out,
+        pre,
+        gp,
+        partial,
+        m,
+        n,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        act.param,
+        ACT=act.base.act.code,
+        HAS_BIAS=need_b,
+        BLOCK_M=block,
+        BLOCK_N=block,
+    )
+    return gp, (partial.sum(0).to(grad_out.dtype) if need_b else None)
 
 
 def _reference_grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
