@@ -87,6 +87,28 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def held_memory_mb(forward: Callable[[], object], device: str) -> float:
+    """Memory allocated by ``forward()`` and still held when it returns, minus its output: what
+    autograd keeps for backward, wherever it is stored (save_for_backward, ctx attributes,
+    closures). CUDA: the caching allocator's counters; CPU: the profiler's allocation events."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = forward()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = forward()
+        held = sum(e.self_cpu_memory_usage for e in prof.events())  # allocations - frees
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    held -= sum(o.untyped_storage().nbytes() for o in outs if isinstance(o, torch.Tensor))
+    del out, outs
+    return held / 2**20
+
+
 def rotating(make: Callable[[], tuple], nbytes: int, cache_bytes: int = 64 * 2**20) -> Callable:
     """A function that cycles through enough input sets that they do not all sit in cache."""
     count = max(1, min(8, -(-2 * cache_bytes // max(nbytes, 1))))
