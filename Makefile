@@ -1,12 +1,13 @@
 # make test   : create .venv if absent, install pinned dependencies and nnfast, run the tests
 # make bench  : the benchmark suite on this machine's device (markdown table, CSV and plot)
+# make demo   : the research demo (coordinate network on a photo); make gpu-check on a GPU machine
 PYTHON_SYS ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnfast-installed
 
-.PHONY: test bench lint install clean check-cuda
+.PHONY: test bench lint install clean check-cuda gpu-check demo
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -23,6 +24,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
+	$(PY) benchmarks/bench_mlp.py
+
+# On a GPU machine with torch/triton already installed: build, test, benchmark; installs nothing
+gpu-check:
+	$(PYTHON_SYS) tools/gpu_check.py
+
+# Coordinate network fitting a photo, nnfast vs eager from the same initial weights
+demo: $(STAMP)
+	$(PY) examples/coordinate_network.py
 
 # nvcc -c of every .cu for sm_80 and sm_90 (no GPU needed); says so and passes where nvcc is absent
 check-cuda: $(STAMP)

@@ -133,9 +133,9 @@ def main(argv=None) -> list[harness.Row]:
         for name, model in providers(fused, activation, args.device).items():
             params = [x, *model.parameters()]
             model(x)  # warm-up (compiles)
-            held = harness.held_memory_mb(lambda m=model: m(x), args.device)
+            held = harness.held_memory_mb(lambda m=model, x=x: m(x), args.device)
 
-            def step(m=model, params=params):
+            def step(m=model, params=params, x=x, g=g):
                 return torch.autograd.grad(m(x), params, g)
 
             t = harness.time_fn(step, args.device, min_run_time)

@@ -1,0 +1,91 @@
+"""The GPU runner (make gpu-check): on a machine with a CUDA GPU and the packages already present,
+build the extension, run the whole test suite on CUDA, then the benchmark grid in bf16, fp16 and
+fp32, within 10 minutes. Writes log.txt, CSVs and plots under benchmarks/results/<gpu-name>/.
+Installs nothing: nnfast runs from this source checkout (PYTHONPATH), the extension JIT-builds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Seconds for each stage; the sum stays under the 10 minutes a GPU machine call allows.
+BUDGET = {"build": 150, "tests": 200, "bench_dense": 150, "bench_mlp": 60}
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU here; nothing to do")
+        return 1
+    gpu = torch.cuda.get_device_name()
+    out = ROOT / "benchmarks" / "results" / re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.txt").open("w")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TRITON_INTERPRET", None)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        log.write(text + "\n")
+        log.flush()
+
+    def stage(name: str, cmd: list[str]) -> int:
+        say(f"\n## {name}: {' '.join(cmd)}")
+        start = time.time()
+        try:
+            r = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUDGET[name]
+            )
+            text, code = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            text += f"\n{name}: stopped after {BUDGET[name]} s"
+            code = 124
+        say(text.rstrip())
+        say(f"## {name}: exit {code} in {time.time() - start:.0f} s")
+        return code
+
+    say(f"# gpu-check on {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    py = sys.executable
+    codes = {
+        "build": stage(
+            "build",
+            [
+                py,
+                "-c",
+                "from nnfast._backends import extension as e; r = e.unavailable();"
+                " print('extension:', r or 'built'); raise SystemExit(1 if r else 0)",
+            ],
+        ),
+        "tests": stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]),
+        "bench_dense": stage(
+            "bench_dense",
+            [
+                py,
+                "benchmarks/bench_dense.py",
+                "--dtypes",
+                "bf16,fp16,fp32",
+                "--activations",
+                "gelu,relu",
+                "--out-dir",
+                str(out),
+            ],
+        ),
+        "bench_mlp": stage(
+            "bench_mlp",
+            [py, "benchmarks/bench_mlp.py", "--quick", "--dtypes", "bf16", "--out-dir", str(out)],
+        ),
+    }
+    say("\n# summary: " + ", ".join(f"{k} exit {v}" for k, v in codes.items()))
+    return 0 if not any(codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
