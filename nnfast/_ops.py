@@ -164,6 +164,14 @@ def _layer_specs(spec: ActivationSpec, n: int) -> list[ActivationSpec]:
     return [spec] * (n - 1) + [_spec("identity", 0.0)]
 
 
+def _fused(backend: str, spec: ActivationSpec, x: Tensor, weights: list[Tensor]) -> bool:
+    """Whether the backend runs the whole stack in one fused kernel (then the saved list is one
+    packed (L-1, M, P) tensor that only its fused backward reads)."""
+    supported = getattr(_backends.get(backend), "fused_mlp_supported", None)
+    widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    return supported is not None and supported(spec, widths, x.dtype)
+
+
 @torch.library.custom_op("nnfast::mlp_fwd", mutates_args=())
 def mlp_fwd(
     x: Tensor,
@@ -176,6 +184,8 @@ def mlp_fwd(
 ) -> tuple[Tensor, list[Tensor]]:
     """x: (M, K) -> out (M, N_last), and per hidden layer the tensor its backward reads."""
     be = _backends.get(backend)
+    if _fused(backend, _spec(activation, param), x, weights):
+        return be.mlp_forward(x, weights, biases, _spec(activation, param), save)
     h, saved = x, []
     for i, (w, b, a) in enumerate(
         zip(weights, biases, _layer_specs(_spec(activation, param), len(weights)))
@@ -191,6 +201,12 @@ def mlp_fwd(
 def _(x, weights, biases, activation, param, save, backend):
     spec = _spec(activation, param)
     m, last = x.shape[0], len(weights) - 1
+    if _fused(backend, spec, x, weights):
+        from nnfast._backends.triton import _padded
+
+        p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
+        saved = [x.new_empty(last, m, p)] if save else []
+        return x.new_empty(m, weights[last].shape[0]), saved
     saved = []
     for w in weights[:last]:
         rows = w.shape[0]
@@ -220,6 +236,15 @@ def mlp_bwd(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Layer by layer from the last: grad_x (M, K) and per layer grad_w, grad_b ((0,) if unused)."""
     be = _backends.get(backend)
+    if _fused(backend, _spec(activation, param), x, weights):
+        gx, gws, gbs = be.mlp_backward(
+            grad_out, x, weights, has_bias, saved, _spec(activation, param), needs_x
+        )
+        return (
+            gx if needs_x else grad_out.new_empty(0),
+            [gw if needs_w else grad_out.new_empty(0) for gw in gws],
+            [gb if (needs_b and gb is not None) else grad_out.new_empty(0) for gb in gbs],
+        )
     specs = _layer_specs(_spec(activation, param), len(weights))
     g = grad_out
     # distinct empty placeholders: custom op outputs may not alias each other

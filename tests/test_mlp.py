@@ -137,3 +137,63 @@ def test_fused_dense_gated_shapes_and_state_dict():
 def test_mlp_chain_errors_name_the_layer():
     with pytest.raises(ValueError, match=r"mlp\(\): layer 1: x has last dimension 8"):
         nnfast.mlp(torch.randn(2, 4), [torch.randn(8, 4), torch.randn(3, 5)])
+
+
+def _fused_backend_devices():
+    # backends with a fully fused small-width MLP kernel
+    return [p for p in backend_devices() if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize(
+    "widths,batch",
+    [
+        ((16, 16, 16), 1),
+        ((32, 32, 32, 32), 37),
+        ((64, 64, 64, 64, 64), 300),
+        ((128, 128, 3), 65),
+        ((2, 50, 50, 50, 50, 50, 1), 129),  # 6 layers, odd widths, padded to 64
+        ((24, 40, 8), 0),
+    ],
+)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "squared_relu"])
+@pytest.mark.parametrize("backend,device", _fused_backend_devices())
+def test_fused_small_mlp_matches_layer_by_layer(
+    backend, device, activation, widths, batch, monkeypatch
+):
+    # the fused kernel is picked automatically for widths <= 128; compare it with the
+    # layer-by-layer path (NNFAST_FUSED_MLP=0) and with float64 eager
+    torch.manual_seed(batch)
+    mlp = nnfast.FusedMLP(widths[0], list(widths[1:-1]), widths[-1], activation=activation)
+    mlp = mlp.to(device)
+    x = torch.randn(batch, widths[0], device=device)
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("NNFAST_FUSED_MLP", fused)
+        xs = x.clone().requires_grad_()
+        out = nnfast.mlp(
+            xs,
+            [m.weight for m in mlp.layers],
+            [m.bias for m in mlp.layers],
+            activation,
+            backend=backend,
+        )
+        params = [xs, *mlp.parameters()]
+        g = (
+            torch.ones_like(out)
+            if batch == 0
+            else torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        )
+        results.append((out, *torch.autograd.grad(out, params, g)))
+    for fused_t, plain_t in zip(*results):
+        assert fused_t.shape == plain_t.shape
+        torch.testing.assert_close(fused_t, plain_t, rtol=1e-4, atol=1e-4)
+    check_mlp(backend, activation, torch.float32, device, checkpoint=False, widths=widths)
+
+
+@pytest.mark.parametrize("backend,device", _fused_backend_devices())
+def test_fused_small_mlp_float16_and_checkpoint(backend, device):
+    for checkpoint in (False, True):
+        check_mlp(backend, "silu", torch.float16, device, checkpoint, widths=(64, 64, 64, 64, 10))
+        check_mlp(
+            backend, "relu", torch.float32, device, checkpoint, bias=False, widths=(16, 128, 16)
+        )

@@ -287,3 +287,148 @@ def _reference_grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) ->
     from nnfast._backends.reference import grad_pre
 
     return grad_pre(grad_out, saved, act)
+
+
+# ---- fully fused small-width MLP (kernels/mlp.py) ---------------------------------------------
+
+MAX_FUSED_WIDTH = 128  # widest layer (in, hidden or out) that still fits one tile in registers
+
+
+def _padded(width: int) -> int:
+    return max(16, triton_next_power_of_2(width))
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def fused_mlp_supported(act: ActivationSpec, widths: list[int], dtype: torch.dtype) -> bool:
+    """Whether mlp_forward/mlp_backward take the whole stack (NNFAST_FUSED_MLP=0 turns it off)."""
+    return (
+        os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+        and not act.is_gated
+        and len(widths) >= 3  # two layers or more
+        and max(widths) <= MAX_FUSED_WIDTH
+        and dtype in _DTYPES
+    )
+
+
+def _fused_block_m(p: int) -> int:
+    if _interpreting():
+        return 32
+    return 128 if p <= 64 else 64  # 128x128 fp32 tiles at P=128 would spill registers
+
+
+def _pack(weights: list[Tensor], biases: list[Tensor | None], p: int):
+    w_all = weights[0].new_zeros(len(weights), p, p)
+    b_all = weights[0].new_zeros(len(weights), p)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        w_all[i, : w.shape[0], : w.shape[1]] = w
+        if b is not None:
+            b_all[i, : b.shape[0]] = b
+    return w_all, b_all
+
+
+def mlp_forward(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], act: ActivationSpec, save: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """x (M, K) through every layer in one kernel; saved: [(L-1, M, P)] packed, or []."""
+    import triton
+
+    m, layers = x.shape[0], len(weights)
+    p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
+    d_out = weights[-1].shape[0]
+    out = x.new_empty(m, d_out)
+    saved = [x.new_empty(layers - 1, m, p)] if save else []
+    if m == 0:
+        return out, saved
+    w_all, b_all = _pack(weights, biases, p)
+    block = _fused_block_m(p)
+    _kernel_module()  # makes nnfast.kernels importable from a source checkout
+    from nnfast.kernels import mlp as k
+
+    k.mlp_fused_fwd_kernel[(triton.cdiv(m, block),)](
+        x,
+        w_all,
+        b_all,
+        out,
+        saved[0] if save else out,
+        m,
+        x.shape[1],
+        d_out,
+        x.stride(0),
+        x.stride(1),
+        act.param,
+        L=layers,
+        P=p,
+        ACT=act.act.code,
+        FROM_OUTPUT=act.from_output,
+        HAS_BIAS=any(b is not None for b in biases),
+        SAVE=save,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_M=block,
+    )
+    return out, saved
+
+
+def mlp_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    has_bias: list[bool],
+    saved: list[Tensor],
+    act: ActivationSpec,
+    needs_x: bool,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor | None]]:
+    """grad_x and every layer's grad_w / grad_b from the packed saved tensor, in one kernel."""
+    import triton
+
+    m, layers = x.shape[0], len(weights)
+    (packed,) = saved
+    p = packed.shape[2]
+    gw_all = torch.zeros(layers, p, p, device=x.device, dtype=torch.float32)
+    gb_all = torch.zeros(layers, p, device=x.device, dtype=torch.float32)
+    grad_x = x.new_empty(x.shape) if needs_x else None
+    if m > 0:
+        w_all, _ = _pack(weights, [None] * layers, p)
+        block = _fused_block_m(p)
+        from nnfast.kernels import mlp as k
+
+        k.mlp_fused_bwd_kernel[(triton.cdiv(m, block),)](
+            grad_out,
+            x,
+            w_all,
+            packed,
+            grad_x if needs_x else grad_out,
+            gw_all,
+            gb_all,
+            m,
+            x.shape[1],
+            grad_out.shape[1],
+            grad_out.stride(0),
+            grad_out.stride(1),
+            x.stride(0),
+            x.stride(1),
+            act.param,
+            L=layers,
+            P=p,
+            ACT=act.act.code,
+            FROM_OUTPUT=act.from_output,
+            HAS_BIAS=any(has_bias),
+            NEED_X=needs_x,
+            INPUT_PRECISION=_input_precision(x.dtype),
+            BLOCK_M=block,
+        )
+    elif needs_x:
+        grad_x.zero_()
+
+    # contiguous copies: custom op outputs may not be views of one buffer
+    def unpad(t: Tensor) -> Tensor:
+        return t.to(x.dtype, memory_format=torch.contiguous_format, copy=True)
+
+    grad_ws = [unpad(gw_all[i, : w.shape[0], : w.shape[1]]) for i, w in enumerate(weights)]
+    grad_bs = [
+        unpad(gb_all[i, : w.shape[0]]) if hb else None
+        for i, (w, hb) in enumerate(zip(weights, has_bias))
+    ]
+    return grad_x, grad_ws, grad_bs

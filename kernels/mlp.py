@@ -1,0 +1,148 @@
+"""Fully fused small-width MLP: every layer of a row block in one program, activations on chip.
+
+For widths up to 128 (zero-padded to P, a power of two >= 16) the whole forward runs in one kernel:
+a BLOCK_M-row tile of x goes through every layer in registers, and only the output and, for
+training, each hidden layer's saved tensor (pre-activation, or output where f' reads the output)
+are written. The backward walks the same tile back through the layers: grad_pre stays on chip,
+each layer's input is reloaded or recomputed from what the forward saved, and the weight and bias
+gradients of the tile are added into float32 buffers (one atomic add per element per tile).
+Zero padding is exact: padded weight rows and columns are zero, so padded units never reach a
+real one, in either direction.
+"""
+
+import triton
+import triton.language as tl
+
+from nnfast.kernels import activations as act
+
+
+@triton.jit
+def mlp_fused_fwd_kernel(
+    x_ptr,  # (M, D_IN), any strides
+    w_ptr,  # (L, P, P) zero-padded weights, w[l, n, k] = W_l[n, k]
+    b_ptr,  # (L, P) zero-padded biases
+    out_ptr,  # (M, D_OUT), contiguous
+    s_ptr,  # (L - 1, M, P) per hidden layer: the output if FROM_OUTPUT else the pre-activation
+    M,
+    D_IN,
+    D_OUT,
+    stride_xm,
+    stride_xk,
+    param,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    ACT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, P)
+    m_mask = offs_m < M
+    h = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
+        mask=m_mask[:, None] & (offs_p[None, :] < D_IN),
+        other=0.0,
+    )
+    dtype = h.dtype
+    for layer in tl.static_range(L):
+        # W_l^T tile (k, n): the layer's weight read transposed from the packed buffer
+        w_t = tl.load(w_ptr + layer * P * P + offs_p[None, :] * P + offs_p[:, None])
+        acc = tl.dot(h, w_t, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + layer * P + offs_p).to(tl.float32)[None, :]
+        if layer < L - 1:
+            y = act.apply(acc, param, ACT)
+            if SAVE:
+                kept = y if FROM_OUTPUT else acc
+                tl.store(
+                    s_ptr + layer * M * P + offs_m[:, None] * P + offs_p[None, :],
+                    kept.to(dtype),
+                    mask=m_mask[:, None],
+                )
+            h = y.to(dtype)  # rounded like a layer-by-layer output
+        else:
+            tl.store(
+                out_ptr + offs_m[:, None] * D_OUT + offs_p[None, :],
+                acc.to(dtype),
+                mask=m_mask[:, None] & (offs_p[None, :] < D_OUT),
+            )
+
+
+@triton.jit
+def mlp_fused_bwd_kernel(
+    go_ptr,  # (M, D_OUT), any strides
+    x_ptr,  # (M, D_IN), any strides
+    w_ptr,  # (L, P, P) zero-padded weights
+    s_ptr,  # (L - 1, M, P) what the forward saved
+    gx_ptr,  # (M, D_IN) grad_x, contiguous; written when NEED_X
+    gw_ptr,  # (L, P, P) float32, zeroed; this tile's grad_w is added in
+    gb_ptr,  # (L, P) float32, zeroed; this tile's grad_b is added in when HAS_BIAS
+    M,
+    D_IN,
+    D_OUT,
+    stride_gom,
+    stride_gon,
+    stride_xm,
+    stride_xk,
+    param,
+    L: tl.constexpr,
+    P: tl.constexpr,
+    ACT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NEED_X: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, P)
+    m_mask = offs_m < M
+    # grad of the last layer's pre-activation (no activation there): grad_out itself
+    g = tl.load(
+        go_ptr + offs_m[:, None] * stride_gom + offs_p[None, :] * stride_gon,
+        mask=m_mask[:, None] & (offs_p[None, :] < D_OUT),
+        other=0.0,
+    )
+    dtype = g.dtype
+    square = offs_p[:, None] * P + offs_p[None, :]
+    for i in tl.static_range(L):
+        layer = L - 1 - i
+        # this layer's input: x, or the previous layer's output (saved, or f(saved pre))
+        if layer == 0:
+            xin = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
+                mask=m_mask[:, None] & (offs_p[None, :] < D_IN),
+                other=0.0,
+            )
+        else:
+            s_prev = tl.load(
+                s_ptr + (layer - 1) * M * P + offs_m[:, None] * P + offs_p[None, :],
+                mask=m_mask[:, None],
+                other=0.0,
+            )
+            if FROM_OUTPUT:
+                xin = s_prev
+            else:
+                xin = act.apply(s_prev.to(tl.float32), param, ACT).to(dtype)
+        # grad_w[l] += g^T @ xin ; grad_b[l] += column sums of g
+        tl.atomic_add(
+            gw_ptr + layer * P * P + square,
+            tl.dot(tl.trans(g), xin, input_precision=INPUT_PRECISION),
+        )
+        if HAS_BIAS:
+            tl.atomic_add(gb_ptr + layer * P + offs_p, tl.sum(g.to(tl.float32), axis=0))
+        if layer > 0 or NEED_X:
+            w = tl.load(w_ptr + layer * P * P + square)  # (n, k)
+            gin = tl.dot(g, w, input_precision=INPUT_PRECISION)
+            if layer > 0:
+                # to the previous layer's pre-activation: times f'(saved)
+                g = (gin * act.grad(s_prev.to(tl.float32), param, ACT)).to(dtype)
+            else:
+                tl.store(
+                    gx_ptr + offs_m[:, None] * D_IN + offs_p[None, :],
+                    gin.to(dtype),
+                    mask=m_mask[:, None] & (offs_p[None, :] < D_IN),
+                )
