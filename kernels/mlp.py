@@ -1,9 +1,9 @@
 """Fully fused small-width MLP: every layer of a row block in one program, activations on chip.
 
-For widths up to 128 (zero-padded to P, a power of two >= 16) the whole forward runs in one kernel:
-a BLOCK_M-row tile of x goes through every layer in registers, and only the output and, for
-training, each hidden layer's saved tensor (pre-activation, or output where f' reads the output)
-are written. The backward walks the same tile back through the layers: grad_pre stays on chip,
+For widths up to 128 (zero-padded to P, a power of two >= 16) and up to MAX_HIDDEN hidden layers
+the whole forward runs in one kernel: a BLOCK_M-row tile of x goes through every layer in
+registers, and only the output and, for training, each hidden layer's saved tensor (pre-activation,
+or output where f' reads the output; (M, h_i) like the layer-by-layer path keeps) are written. The backward walks the same tile back through the layers: grad_pre stays on chip,
 each layer's input is reloaded or recomputed from what the forward saved, and the weight and bias
 gradients of the tile are added into float32 buffers (one atomic add per element per tile).
 Zero padding is exact: padded weight rows and columns are zero, so padded units never reach a
@@ -15,6 +15,30 @@ import triton.language as tl
 
 from nnfast.kernels import activations as act
 
+MAX_HIDDEN = 8  # saved-tensor pointer arguments s0..s7
+
+
+@triton.jit
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    # the i-th of eight arguments, chosen at compile time
+    if i == 0:
+        r = a0
+    elif i == 1:
+        r = a1
+    elif i == 2:
+        r = a2
+    elif i == 3:
+        r = a3
+    elif i == 4:
+        r = a4
+    elif i == 5:
+        r = a5
+    elif i == 6:
+        r = a6
+    else:
+        r = a7
+    return r
+
 
 @triton.jit
 def mlp_fused_fwd_kernel(
@@ -22,7 +46,24 @@ def mlp_fused_fwd_kernel(
     w_ptr,  # (L, P, P) zero-padded weights, w[l, n, k] = W_l[n, k]
     b_ptr,  # (L, P) zero-padded biases
     out_ptr,  # (M, D_OUT), contiguous
-    s_ptr,  # (L - 1, M, P) per hidden layer: the output if FROM_OUTPUT else the pre-activation
+    # hidden layer i keeps s_i (M, h_i), contiguous: its output if FROM_OUTPUT else its
+    # pre-activation; unused pointers and widths are placeholders
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,
+    h0,
+    h1,
+    h2,
+    h3,
+    h4,
+    h5,
+    h6,
+    h7,
     M,
     D_IN,
     D_OUT,
@@ -57,10 +98,13 @@ def mlp_fused_fwd_kernel(
             y = act.apply(acc, param, ACT)
             if SAVE:
                 kept = y if FROM_OUTPUT else acc
+                h_i = _pick(layer, h0, h1, h2, h3, h4, h5, h6, h7)
                 tl.store(
-                    s_ptr + layer * M * P + offs_m[:, None] * P + offs_p[None, :],
+                    _pick(layer, s0, s1, s2, s3, s4, s5, s6, s7)
+                    + offs_m[:, None] * h_i
+                    + offs_p[None, :],
                     kept.to(dtype),
-                    mask=m_mask[:, None],
+                    mask=m_mask[:, None] & (offs_p[None, :] < h_i),
                 )
             h = y.to(dtype)  # rounded like a layer-by-layer output
         else:
@@ -76,7 +120,22 @@ def mlp_fused_bwd_kernel(
     go_ptr,  # (M, D_OUT), any strides
     x_ptr,  # (M, D_IN), any strides
     w_ptr,  # (L, P, P) zero-padded weights
-    s_ptr,  # (L - 1, M, P) what the forward saved
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,  # what the forward saved, (M, h_i) each
+    h0,
+    h1,
+    h2,
+    h3,
+    h4,
+    h5,
+    h6,
+    h7,
     gx_ptr,  # (M, D_IN) grad_x, contiguous; written when NEED_X
     gw_ptr,  # (L, P, P) float32, zeroed; this tile's grad_w is added in
     gb_ptr,  # (L, P) float32, zeroed; this tile's grad_b is added in when HAS_BIAS
@@ -118,9 +177,14 @@ def mlp_fused_bwd_kernel(
                 other=0.0,
             )
         else:
+            # padded units read as 0: f(0) = 0 for every activation that keeps its
+            # pre-activation, and their gradients are 0 since the padded weights are
+            h_p = _pick(layer - 1, h0, h1, h2, h3, h4, h5, h6, h7)
             s_prev = tl.load(
-                s_ptr + (layer - 1) * M * P + offs_m[:, None] * P + offs_p[None, :],
-                mask=m_mask[:, None],
+                _pick(layer - 1, s0, s1, s2, s3, s4, s5, s6, s7)
+                + offs_m[:, None] * h_p
+                + offs_p[None, :],
+                mask=m_mask[:, None] & (offs_p[None, :] < h_p),
                 other=0.0,
             )
             if FROM_OUTPUT:

@@ -165,8 +165,8 @@ def _layer_specs(spec: ActivationSpec, n: int) -> list[ActivationSpec]:
 
 
 def _fused(backend: str, spec: ActivationSpec, x: Tensor, weights: list[Tensor]) -> bool:
-    """Whether the backend runs the whole stack in one fused kernel (then the saved list is one
-    packed (L-1, M, P) tensor that only its fused backward reads)."""
+    """Whether the backend runs the whole stack in one fused kernel (it keeps the same tensors as
+    the layer-by-layer path, so either backward can read them)."""
     supported = getattr(_backends.get(backend), "fused_mlp_supported", None)
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
     return supported is not None and supported(spec, widths, x.dtype)
@@ -201,12 +201,6 @@ def mlp_fwd(
 def _(x, weights, biases, activation, param, save, backend):
     spec = _spec(activation, param)
     m, last = x.shape[0], len(weights) - 1
-    if _fused(backend, spec, x, weights):
-        from nnfast._backends.triton import _padded
-
-        p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
-        saved = [x.new_empty(last, m, p)] if save else []
-        return x.new_empty(m, weights[last].shape[0]), saved
     saved = []
     for w in weights[:last]:
         rows = w.shape[0]

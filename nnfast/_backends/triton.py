@@ -307,7 +307,7 @@ def fused_mlp_supported(act: ActivationSpec, widths: list[int], dtype: torch.dty
     return (
         os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
         and not act.is_gated
-        and len(widths) >= 3  # two layers or more
+        and 3 <= len(widths) <= 10  # 2 to 9 layers: up to 8 hidden layers' saved pointers
         and max(widths) <= MAX_FUSED_WIDTH
         and dtype in _DTYPES
     )
@@ -329,17 +329,25 @@ def _pack(weights: list[Tensor], biases: list[Tensor | None], p: int):
     return w_all, b_all
 
 
+def _slots(saved: list[Tensor], placeholder: Tensor) -> list:
+    """The kernels' eight saved-tensor pointers and eight widths (placeholders past the end)."""
+    from nnfast.kernels.mlp import MAX_HIDDEN
+
+    pad = MAX_HIDDEN - len(saved)
+    return [*saved, *[placeholder] * pad, *[t.shape[1] for t in saved], *[1] * pad]
+
+
 def mlp_forward(
     x: Tensor, weights: list[Tensor], biases: list[Tensor | None], act: ActivationSpec, save: bool
 ) -> tuple[Tensor, list[Tensor]]:
-    """x (M, K) through every layer in one kernel; saved: [(L-1, M, P)] packed, or []."""
+    """x (M, K) through every layer in one kernel; saved: per hidden layer (M, h_i), or []."""
     import triton
 
     m, layers = x.shape[0], len(weights)
     p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
     d_out = weights[-1].shape[0]
     out = x.new_empty(m, d_out)
-    saved = [x.new_empty(layers - 1, m, p)] if save else []
+    saved = [x.new_empty(m, w.shape[0]) for w in weights[:-1]] if save else []
     if m == 0:
         return out, saved
     w_all, b_all = _pack(weights, biases, p)
@@ -352,7 +360,7 @@ def mlp_forward(
         w_all,
         b_all,
         out,
-        saved[0] if save else out,
+        *_slots(saved, out),
         m,
         x.shape[1],
         d_out,
@@ -380,12 +388,11 @@ def mlp_backward(
     act: ActivationSpec,
     needs_x: bool,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor | None]]:
-    """grad_x and every layer's grad_w / grad_b from the packed saved tensor, in one kernel."""
+    """grad_x and every layer's grad_w / grad_b from what the forward saved, in one kernel."""
     import triton
 
     m, layers = x.shape[0], len(weights)
-    (packed,) = saved
-    p = packed.shape[2]
+    p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
     gw_all = torch.zeros(layers, p, p, device=x.device, dtype=torch.float32)
     gb_all = torch.zeros(layers, p, device=x.device, dtype=torch.float32)
     grad_x = x.new_empty(x.shape) if needs_x else None
@@ -398,7 +405,7 @@ def mlp_backward(
             grad_out,
             x,
             w_all,
-            packed,
+            *_slots(saved, grad_out),
             grad_x if needs_x else grad_out,
             gw_all,
             gb_all,
