@@ -20,4 +20,12 @@ TORCH_LIBRARY(nnfast_ext, m) {
   m.def(
       "dense_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor saved, int act, float param,"
       " bool needs_x, bool needs_w, bool needs_b) -> (Tensor, Tensor, Tensor)");
+  // A whole MLP (act after every layer but the last) walked row block by row block; saved: per
+  // hidden layer (M, h_i), its output or pre-activation as in dense_bwd.
+  m.def(
+      "mlp_fwd(Tensor x, Tensor[] weights, Tensor?[] biases, int act, float param, bool save)"
+      " -> (Tensor, Tensor[])");
+  m.def(
+      "mlp_bwd(Tensor grad_out, Tensor x, Tensor[] weights, bool[] has_bias, Tensor[] saved,"
+      " int act, float param, bool needs_x) -> (Tensor, Tensor[], Tensor[])");
 }

@@ -169,7 +169,7 @@ def _fused(backend: str, spec: ActivationSpec, x: Tensor, weights: list[Tensor])
     the layer-by-layer path, so either backward can read them)."""
     supported = getattr(_backends.get(backend), "fused_mlp_supported", None)
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
-    return supported is not None and supported(spec, widths, x.dtype)
+    return supported is not None and supported(spec, widths, x.dtype, x.device.type)
 
 
 @torch.library.custom_op("nnfast::mlp_fwd", mutates_args=())

@@ -32,6 +32,21 @@ def test_opcheck_cpp_ops(dtype):
     del b
 
 
+def test_opcheck_cpp_mlp_ops():
+    x = torch.randn(9, 6)
+    ws = [torch.randn(8, 6), torch.randn(5, 8), torch.randn(3, 5)]
+    bs = [torch.randn(8), None, torch.randn(3)]
+    for act, save in ((3, True), (1, True), (6, False)):
+        torch.library.opcheck(_ops().mlp_fwd.default, (x, ws, bs, act, 0.0, save))
+        _, saved = _ops().mlp_fwd(x, ws, bs, act, 0.0, True)
+        go = torch.randn(9, 3)
+        torch.library.opcheck(
+            _ops().mlp_bwd.default, (go, x, ws, [True, False, True], saved, act, 0.0, True)
+        )
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must be float32 \(out, 8\)"):
+        _ops().mlp_fwd(x, [ws[0], torch.randn(5, 7)], [None, None], 3, 0.0, False)
+
+
 def test_cpp_checks_have_clear_messages():
     x, w = torch.randn(4, 8), torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"x has 8 columns but weight expects in_features=5"):

@@ -104,6 +104,20 @@ def _register_fakes() -> None:
             grad_out.new_empty(n) if needs_b else grad_out.new_empty(0),
         )
 
+    @torch.library.register_fake("nnfast_ext::mlp_fwd")
+    def _(x, weights, biases, act, param, save):
+        m = x.shape[0]
+        saved = [x.new_empty(m, w.shape[0]) for w in weights[:-1]] if save else []
+        return x.new_empty(m, weights[-1].shape[0]), saved
+
+    @torch.library.register_fake("nnfast_ext::mlp_bwd")
+    def _(grad_out, x, weights, has_bias, saved, act, param, needs_x):
+        return (
+            x.new_empty(x.shape) if needs_x else x.new_empty(0),
+            [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0]) if hb else w.new_empty(0) for w, hb in zip(weights, has_bias)],
+        )
+
     return None
 
 
@@ -167,3 +181,44 @@ def backward(
     return torch.ops.nnfast_ext.dense_bwd(
         grad_out, x, weight, saved, act.act.code, act.param, *needs
     )
+
+
+# ---- fused MLP on the CPU (csrc/cpu/mlp.cpp) ---------------------------------------------------
+
+MAX_FUSED_WIDTH = 256  # row blocks of this width stay in L2 with the weights beside them
+
+
+def fused_mlp_supported(
+    act: ActivationSpec, widths: list[int], dtype: torch.dtype, device_type: str
+) -> bool:
+    """Whether mlp_forward/mlp_backward take the whole stack (NNFAST_FUSED_MLP=0 turns it off)."""
+    return (
+        os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+        and device_type == "cpu"
+        and not act.is_gated
+        and len(widths) >= 3
+        and max(widths) <= MAX_FUSED_WIDTH
+        and dtype == torch.float32
+        and torch._C._dispatch_has_kernel_for_dispatch_key("nnfast_ext::mlp_fwd", "CPU")
+    )
+
+
+def mlp_forward(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], act: ActivationSpec, save: bool
+) -> tuple[Tensor, list[Tensor]]:
+    return torch.ops.nnfast_ext.mlp_fwd(x, weights, biases, act.act.code, act.param, save)
+
+
+def mlp_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    has_bias: list[bool],
+    saved: list[Tensor],
+    act: ActivationSpec,
+    needs_x: bool,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor | None]]:
+    gx, gws, gbs = torch.ops.nnfast_ext.mlp_bwd(
+        grad_out, x, weights, has_bias, saved, act.act.code, act.param, needs_x
+    )
+    return (gx if needs_x else None), gws, [gb if hb else None for gb, hb in zip(gbs, has_bias)]

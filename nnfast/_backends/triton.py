@@ -302,7 +302,9 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def fused_mlp_supported(act: ActivationSpec, widths: list[int], dtype: torch.dtype) -> bool:
+def fused_mlp_supported(
+    act: ActivationSpec, widths: list[int], dtype: torch.dtype, device_type: str
+) -> bool:
     """Whether mlp_forward/mlp_backward take the whole stack (NNFAST_FUSED_MLP=0 turns it off)."""
     return (
         os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
