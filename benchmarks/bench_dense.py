@@ -29,7 +29,15 @@ from nnfast.activations import resolve  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOPS_PER_MAC = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
-CPU_SHAPES = ["4096x1024x4096", "8192x512x2048", "65536x64x64"]
+# the three shapes of the CPU goals, small-M inference, and a transformer feed-forward block
+CPU_SHAPES = [
+    "4096x1024x4096",
+    "8192x512x2048",
+    "65536x64x64",
+    "1x1024x4096",
+    "16x1024x4096",
+    "512x2048x5632",
+]
 CPU_QUICK = ["1024x256x1024", "8192x64x64"]
 GPU_SHAPES = [
     "1x4096x4096",

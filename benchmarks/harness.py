@@ -192,11 +192,23 @@ def plot(rows: Sequence[Row], name: str, title: str, out_dir: Path = RESULTS) ->
     for ax, mode in zip(axes[0], modes):
         sel = [r for r in rows if r.mode == mode]
         shapes = list(dict.fromkeys(r.shape for r in sel))
+        combos = list(dict.fromkeys((r.dtype, r.activation) for r in sel))
         for provider in dict.fromkeys(r.provider for r in sel):
-            pts = {r.shape: r.throughput for r in sel if r.provider == provider}
-            ax.plot(
-                range(len(shapes)), [pts.get(s, float("nan")) for s in shapes], "o-", label=provider
-            )
+            for dtype, act in combos:
+                pts = {
+                    r.shape: r.throughput
+                    for r in sel
+                    if (r.provider, r.dtype, r.activation) == (provider, dtype, act)
+                }
+                if not pts:
+                    continue
+                label = provider if len(combos) == 1 else f"{provider} {dtype} {act}"
+                ax.plot(
+                    range(len(shapes)),
+                    [pts.get(s, float("nan")) for s in shapes],
+                    "o-",
+                    label=label,
+                )
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)
         ax.set_title(mode)
         ax.set_ylabel(sel[0].unit if sel else "")
