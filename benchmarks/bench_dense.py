@@ -10,7 +10,6 @@ A shape MxKxN is x (M, K) @ W^T (K -> N).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,6 @@ import nnfast  # noqa: E402
 from nnfast import _backends  # noqa: E402
 from nnfast.activations import resolve  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOPS_PER_MAC = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
 # the three shapes of the CPU goals, small-M inference, and a transformer feed-forward block
@@ -126,62 +124,35 @@ def measure(fn, mode: str, sets: Callable, device: str, min_run_time: float):
 
 
 def main(argv=None) -> list[harness.Row]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default=harness.default_device())
-    p.add_argument("--shapes", help="comma-separated MxKxN")
-    p.add_argument("--dtypes", help="comma-separated of fp32,bf16,fp16")
-    p.add_argument("--activations", default="gelu")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated of fwd,bwd,fwd+bwd")
-    p.add_argument("--quick", action="store_true", help="small grid, short timing")
-    p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds per measurement")
-    p.add_argument("--out-dir", type=Path, default=harness.RESULTS)
-    p.add_argument("--name", default="bench_dense", help="CSV/PNG file stem")
-    args = p.parse_args(argv)
-
-    gpu = args.device == "cuda"
-    shapes = args.shapes.split(",") if args.shapes else None
-    if shapes is None:
-        shapes = (
-            (GPU_QUICK if args.quick else GPU_SHAPES)
-            if gpu
-            else (CPU_QUICK if args.quick else CPU_SHAPES)
-        )
-    dtypes = (args.dtypes or ("bf16" if gpu else "fp32")).split(",")
-    min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
-    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
-
-    try:
-        from tqdm import tqdm
-    except ImportError:
-
-        def tqdm(it, **_):
-            return it
-
+    grids = {"cpu": CPU_SHAPES, "cpu_quick": CPU_QUICK, "gpu": GPU_SHAPES, "gpu_quick": GPU_QUICK}
+    opt = harness.cli(
+        argv, __doc__, "bench_dense", "shapes", "comma-separated MxKxN", grids, "gelu"
+    )
     jobs = [
         (s, d, a, m)
-        for s in shapes
-        for d in dtypes
-        for a in args.activations.split(",")
-        for m in args.modes.split(",")
+        for s in opt.grid
+        for d in opt.dtypes
+        for a in opt.activations
+        for m in opt.modes
     ]
     rows: list[harness.Row] = []
     print(f"# bench_dense on {harness.machine_line()}", flush=True)
-    for shape, dname, activation, mode in tqdm(jobs, desc="bench_dense", file=sys.stderr):
+    for shape, dname, activation, mode in harness.progress(jobs, "bench_dense"):
         m, k, n = (int(v) for v in shape.split("x"))
-        dtype = DTYPES[dname]
+        dtype = harness.DTYPES[dname]
 
         def make(m=m, k=k, n=n, dtype=dtype):
-            x = torch.randn(m, k, device=args.device, dtype=dtype, requires_grad=True)
-            w = (torch.randn(n, k, device=args.device) / k**0.5).to(dtype).requires_grad_()
-            b = torch.randn(n, device=args.device, dtype=dtype, requires_grad=True)
-            g = torch.randn(m, n, device=args.device, dtype=dtype)
+            x = torch.randn(m, k, device=opt.device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(n, k, device=opt.device) / k**0.5).to(dtype).requires_grad_()
+            b = torch.randn(n, device=opt.device, dtype=dtype, requires_grad=True)
+            g = torch.randn(m, n, device=opt.device, dtype=dtype)
             return x, w, b, g
 
         sets = harness.rotating(make, (m * k + n * k + 2 * m * n) * dtype.itemsize)
-        for name, (fn, has_bwd) in providers(args.device, activation, dtype).items():
+        for name, (fn, has_bwd) in providers(opt.device, activation, dtype).items():
             if mode != "fwd" and not has_bwd:
                 continue
-            t, peak = measure(fn, mode, sets, args.device, min_run_time)
+            t, peak = measure(fn, mode, sets, opt.device, opt.min_run_time)
             flops = FLOPS_PER_MAC[mode] * m * k * n
             rows.append(
                 harness.Row(
@@ -193,16 +164,13 @@ def main(argv=None) -> list[harness.Row]:
                     activation,
                     t.median_ms,
                     t.spread_ms,
-                    flops / (t.median_ms * 1e-3) / scale,
-                    unit,
+                    flops / (t.median_ms * 1e-3) / opt.scale,
+                    opt.unit,
                     peak,
                 )
             )
     alts = ["eager", "compile", "compile-max-autotune", "onednn", "addmm_activation"]
-    print(harness.markdown(rows, alternatives=alts))
-    csv_path = harness.write_csv(rows, args.name, args.out_dir)
-    png = harness.plot(rows, args.name, "nnfast dense: throughput", args.out_dir)
-    print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else ""))
+    harness.report(rows, opt, "nnfast dense: throughput", alts)
     return rows
 
 

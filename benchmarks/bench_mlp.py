@@ -11,7 +11,6 @@ A config WIDTHxLAYERSxOUT@BATCH is in=WIDTH, LAYERS hidden layers of WIDTH, then
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import harness  # noqa: E402
 import nnfast  # noqa: E402
 from nnfast.activations import resolve  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CONFIGS = ["1024x3x1024@16384", "64x3x64@65536"]
 CPU_QUICK = ["256x3x256@4096", "64x3x64@16384"]
 GPU_CONFIGS = ["1024x3x1024@16384", "4096x3x4096@8192", "64x3x64@1048576", "128x4x128@262144"]
@@ -88,57 +86,38 @@ def providers(fused: nnfast.FusedMLP, activation: str, device: str) -> dict[str,
 
 
 def main(argv=None) -> list[harness.Row]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default=harness.default_device())
-    p.add_argument("--configs", help="comma-separated WIDTHxLAYERSxOUT@BATCH")
-    p.add_argument("--dtypes", help="comma-separated of fp32,bf16,fp16")
-    p.add_argument("--activations", default="gelu,relu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--min-run-time", type=float, default=None)
-    p.add_argument("--out-dir", type=Path, default=harness.RESULTS)
-    p.add_argument("--name", default="bench_mlp")
-    args = p.parse_args(argv)
-
-    gpu = args.device == "cuda"
-    configs = args.configs.split(",") if args.configs else None
-    if configs is None:
-        configs = (
-            (GPU_QUICK if args.quick else GPU_CONFIGS)
-            if gpu
-            else (CPU_QUICK if args.quick else CPU_CONFIGS)
-        )
-    dtypes = (args.dtypes or ("bf16" if gpu else "fp32")).split(",")
-    min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
-    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-
-        def tqdm(it, **_):
-            return it
-
-    jobs = [(c, d, a) for c in configs for d in dtypes for a in args.activations.split(",")]
+    grids = {"cpu": CPU_CONFIGS, "cpu_quick": CPU_QUICK, "gpu": GPU_CONFIGS, "gpu_quick": GPU_QUICK}
+    opt = harness.cli(
+        argv,
+        __doc__,
+        "bench_mlp",
+        "configs",
+        "comma-separated WIDTHxLAYERSxOUT@BATCH",
+        grids,
+        "gelu,relu",
+    )
+    jobs = [(c, d, a) for c in opt.grid for d in opt.dtypes for a in opt.activations]
     rows: list[harness.Row] = []
     print(f"# bench_mlp on {harness.machine_line()}", flush=True)
-    for config, dname, activation in tqdm(jobs, desc="bench_mlp", file=sys.stderr):
+    for config, dname, activation in harness.progress(jobs, "bench_mlp"):
         width, layers, out, batch = parse(config)
-        dtype = DTYPES[dname]
+        dtype = harness.DTYPES[dname]
         torch.manual_seed(0)
         fused = nnfast.FusedMLP(
-            width, [width] * layers, out, activation=activation, device=args.device, dtype=dtype
+            width, [width] * layers, out, activation=activation, device=opt.device, dtype=dtype
         )
         macs = batch * (width * width * layers + width * out)
-        x = torch.randn(batch, width, device=args.device, dtype=dtype, requires_grad=True)
-        g = torch.randn(batch, out, device=args.device, dtype=dtype)
-        for name, model in providers(fused, activation, args.device).items():
+        x = torch.randn(batch, width, device=opt.device, dtype=dtype, requires_grad=True)
+        g = torch.randn(batch, out, device=opt.device, dtype=dtype)
+        for name, model in providers(fused, activation, opt.device).items():
             params = [x, *model.parameters()]
             model(x)  # warm-up (compiles)
-            held = harness.held_memory_mb(lambda m=model, x=x: m(x), args.device)
+            held = harness.held_memory_mb(lambda m=model, x=x: m(x), opt.device)
 
             def step(m=model, params=params, x=x, g=g):
                 return torch.autograd.grad(m(x), params, g)
 
-            t = harness.time_fn(step, args.device, min_run_time)
+            t = harness.time_fn(step, opt.device, opt.min_run_time)
             rows.append(
                 harness.Row(
                     "mlp",
@@ -149,12 +128,12 @@ def main(argv=None) -> list[harness.Row]:
                     activation,
                     t.median_ms,
                     t.spread_ms,
-                    6 * macs / (t.median_ms * 1e-3) / scale,
-                    unit,
+                    6 * macs / (t.median_ms * 1e-3) / opt.scale,
+                    opt.unit,
                     held,
                 )
             )
-    print(harness.markdown(rows, alternatives=["eager", "compile"]))
+    harness.report(rows, opt, "nnfast MLP forward+backward", ["eager", "compile"])
     print()
     print("| config | dtype | act | provider | held for backward (MiB) | vs eager |")
     print("|---|---|---|---|---|---|")
@@ -169,9 +148,6 @@ def main(argv=None) -> list[harness.Row]:
         print(
             f"| {r.shape} | {r.dtype} | {r.activation} | {r.provider} | {r.peak_mb:.1f} | {ratio} |"
         )
-    csv_path = harness.write_csv(rows, args.name, args.out_dir)
-    png = harness.plot(rows, args.name, "nnfast MLP forward+backward", args.out_dir)
-    print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else ""))
     return rows
 
 

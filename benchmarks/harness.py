@@ -7,13 +7,16 @@ are meaningful only within one run; absolute times hold only for the machine rec
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -229,3 +232,55 @@ def default_device() -> str:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cli(
+    argv, doc: str, name: str, grid_flag: str, grid_help: str, grids: dict, activations: str
+) -> SimpleNamespace:
+    """The flags every benchmark script shares; ``grids`` maps cpu/cpu_quick/gpu/gpu_quick to
+    default grids. Returns the parsed settings plus grid, dtypes, activations, unit and scale."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default=default_device())
+    p.add_argument(f"--{grid_flag}", dest="grid", help=grid_help)
+    p.add_argument("--dtypes", help="comma-separated of " + ",".join(DTYPES))
+    p.add_argument("--activations", default=activations)
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated of fwd,bwd,fwd+bwd")
+    p.add_argument("--quick", action="store_true", help="small grid, short timing")
+    p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds per measurement")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default=name, help="CSV/PNG file stem")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    key = ("gpu" if gpu else "cpu") + ("_quick" if args.quick else "")
+    return SimpleNamespace(
+        **{
+            **vars(args),
+            "grid": args.grid.split(",") if args.grid else grids[key],
+            "dtypes": (args.dtypes or ("bf16" if gpu else "fp32")).split(","),
+            "activations": args.activations.split(","),
+            "modes": args.modes.split(","),
+            "min_run_time": args.min_run_time or (0.2 if args.quick else 0.5),
+            "unit": "TFLOP/s" if gpu else "GFLOP/s",
+            "scale": 1e12 if gpu else 1e9,
+        }
+    )
+
+
+def progress(items: list, desc: str):
+    """A tqdm progress bar on stderr when tqdm is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr)
+
+
+def report(rows: Sequence[Row], settings: SimpleNamespace, title: str, alternatives: Sequence[str]):
+    """Markdown table on stdout, CSV rows appended and a plot, under settings.out_dir."""
+    print(markdown(rows, alternatives=alternatives))
+    csv_path = write_csv(rows, settings.name, settings.out_dir)
+    png = plot(rows, settings.name, title, settings.out_dir)
+    print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else ""))

@@ -41,6 +41,16 @@ def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
+def _tile(ptr, offs_m, offs_p, stride_m, stride_p, M, cols):
+    # rows offs_m x columns offs_p of a (M, cols) matrix; zeros past either edge
+    return tl.load(
+        ptr + offs_m[:, None] * stride_m + offs_p[None, :] * stride_p,
+        mask=(offs_m[:, None] < M) & (offs_p[None, :] < cols),
+        other=0.0,
+    )
+
+
+@triton.jit
 def mlp_fused_fwd_kernel(
     x_ptr,  # (M, D_IN), any strides
     w_ptr,  # (L, P, P) zero-padded weights, w[l, n, k] = W_l[n, k]
@@ -82,11 +92,7 @@ def mlp_fused_fwd_kernel(
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P)
     m_mask = offs_m < M
-    h = tl.load(
-        x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
-        mask=m_mask[:, None] & (offs_p[None, :] < D_IN),
-        other=0.0,
-    )
+    h = _tile(x_ptr, offs_m, offs_p, stride_xm, stride_xk, M, D_IN)
     dtype = h.dtype
     for layer in tl.static_range(L):
         # W_l^T tile (k, n): the layer's weight read transposed from the packed buffer
@@ -160,32 +166,20 @@ def mlp_fused_bwd_kernel(
     offs_p = tl.arange(0, P)
     m_mask = offs_m < M
     # grad of the last layer's pre-activation (no activation there): grad_out itself
-    g = tl.load(
-        go_ptr + offs_m[:, None] * stride_gom + offs_p[None, :] * stride_gon,
-        mask=m_mask[:, None] & (offs_p[None, :] < D_OUT),
-        other=0.0,
-    )
+    g = _tile(go_ptr, offs_m, offs_p, stride_gom, stride_gon, M, D_OUT)
     dtype = g.dtype
     square = offs_p[:, None] * P + offs_p[None, :]
     for i in tl.static_range(L):
         layer = L - 1 - i
         # this layer's input: x, or the previous layer's output (saved, or f(saved pre))
         if layer == 0:
-            xin = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
-                mask=m_mask[:, None] & (offs_p[None, :] < D_IN),
-                other=0.0,
-            )
+            xin = _tile(x_ptr, offs_m, offs_p, stride_xm, stride_xk, M, D_IN)
         else:
             # padded units read as 0: f(0) = 0 for every activation that keeps its
             # pre-activation, and their gradients are 0 since the padded weights are
             h_p = _pick(layer - 1, h0, h1, h2, h3, h4, h5, h6, h7)
-            s_prev = tl.load(
-                _pick(layer - 1, s0, s1, s2, s3, s4, s5, s6, s7)
-                + offs_m[:, None] * h_p
-                + offs_p[None, :],
-                mask=m_mask[:, None] & (offs_p[None, :] < h_p),
-                other=0.0,
+            s_prev = _tile(
+                _pick(layer - 1, s0, s1, s2, s3, s4, s5, s6, s7), offs_m, offs_p, h_p, 1, M, h_p
             )
             if FROM_OUTPUT:
                 xin = s_prev

@@ -30,6 +30,11 @@ _AUTO: dict[str, tuple[str, ...]] = {
 }
 
 
+def fused_mlp_enabled() -> bool:
+    """NNFAST_FUSED_MLP=0 makes every backend run MLPs layer by layer."""
+    return os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+
+
 def get(name: str) -> ModuleType:
     """The backend module called ``name`` (imported on first use: triton is slow to import)."""
     if name not in NAMES:

@@ -192,8 +192,10 @@ def fused_mlp_supported(
     act: ActivationSpec, widths: list[int], dtype: torch.dtype, device_type: str
 ) -> bool:
     """Whether mlp_forward/mlp_backward take the whole stack (NNFAST_FUSED_MLP=0 turns it off)."""
+    from nnfast._backends import fused_mlp_enabled
+
     return (
-        os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+        fused_mlp_enabled()
         and device_type == "cpu"
         and not act.is_gated
         and len(widths) >= 3

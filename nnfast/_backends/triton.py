@@ -306,8 +306,10 @@ def fused_mlp_supported(
     act: ActivationSpec, widths: list[int], dtype: torch.dtype, device_type: str
 ) -> bool:
     """Whether mlp_forward/mlp_backward take the whole stack (NNFAST_FUSED_MLP=0 turns it off)."""
+    from nnfast._backends import fused_mlp_enabled
+
     return (
-        os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+        fused_mlp_enabled()
         and not act.is_gated
         and 3 <= len(widths) <= 10  # 2 to 9 layers: up to 8 hidden layers' saved pointers
         and max(widths) <= MAX_FUSED_WIDTH
