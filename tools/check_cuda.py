@@ -80,7 +80,7 @@ def main() -> int:
             if r.returncode != 0:
                 print(r.stdout + r.stderr)
                 failed += 1
-    print(f"check-cuda: {len(sources) - failed} passed, {failed} failed")
+    print(f"check-cuda: compiled {len(sources) - failed} of {len(sources)} CUDA sources")
     return 1 if failed else 0
 
 
