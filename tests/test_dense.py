@@ -135,14 +135,17 @@ def test_empty_batch_gives_zero_parameter_grads(backend, device):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("activation", nnfast.ACTIVATIONS)
 @pytest.mark.parametrize("backend,device", backend_devices())
-def test_nan_and_inf_propagate_like_reference(backend, device, activation):
+def test_nan_and_inf_propagate_like_reference(backend, device, activation, train):
+    # inference and training forwards take different kernels (the latter stores pre-activations)
     x = torch.randn(6, 12, device=device)
     x[1, 3] = float("nan")
     x[4, 0] = float("inf")
     w, b = make_weight(10, 12, torch.float32, device)
-    out = nnfast.dense(x, w, b, activation, backend=backend)
+    b[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    out = nnfast.dense(x, w, b.requires_grad_(train), activation, backend=backend)
     same = torch_dense(x, w, b, activation)
     ref = torch_dense(x.double(), w.double(), b.double(), activation)
 

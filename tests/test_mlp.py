@@ -197,3 +197,20 @@ def test_fused_small_mlp_float16_and_checkpoint(backend, device):
         check_mlp(
             backend, "relu", torch.float32, device, checkpoint, bias=False, widths=(16, 128, 16)
         )
+
+
+@pytest.mark.parametrize("activation", nnfast.ACTIVATIONS)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_mlp_nan_and_inf_propagate(backend, device, activation):
+    # the MLP paths run their own activation kernels (fused or not): NaN stays NaN, inf as in torch
+    mlp = nnfast.FusedMLP(6, [16, 16], 4, activation=activation).to(device)
+    x = torch.randn(40, 6, device=device)
+    x[3, 0], x[7, 2] = float("nan"), float("inf")
+    with torch.no_grad():
+        mlp.layers[0].bias[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    ws, bs = [m.weight for m in mlp.layers], [m.bias for m in mlp.layers]
+    out = nnfast.mlp(x.requires_grad_(), ws, bs, activation, backend=backend)
+    want = eager_mlp(x.detach(), ws, bs, activation)
+    assert torch.equal(out.isnan(), want.isnan())
+    finite = want.isfinite()
+    torch.testing.assert_close(out[finite], want[finite], rtol=1e-4, atol=1e-4)
