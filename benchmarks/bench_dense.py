@@ -77,6 +77,8 @@ def providers(device: str, activation: str, dtype: torch.dtype) -> dict[str, tup
     out["eager"] = (eager, True)
     out["compile"] = (torch.compile(eager, dynamic=False), True)
     if device == "cuda":
+        # the bar for the fused forward: the plain matrix product, no bias, no activation
+        out["torch.mm"] = (lambda x, w, b: torch.mm(x, w.t()), False)
         out["compile-max-autotune"] = (
             torch.compile(eager, dynamic=False, mode="max-autotune-no-cudagraphs"),
             True,
@@ -154,7 +156,8 @@ def main(argv=None) -> list[harness.Row]:
                 continue
             t, peak = measure(fn, mode, sets, opt.device, opt.min_run_time)
             flops = FLOPS_PER_MAC[mode] * m * k * n
-            rows.append(
+            harness.record(
+                rows,
                 harness.Row(
                     "dense",
                     name,
@@ -167,7 +170,8 @@ def main(argv=None) -> list[harness.Row]:
                     flops / (t.median_ms * 1e-3) / opt.scale,
                     opt.unit,
                     peak,
-                )
+                ),
+                opt,
             )
     alts = ["eager", "compile", "compile-max-autotune", "onednn", "addmm_activation"]
     harness.report(rows, opt, "nnfast dense: throughput", alts)

@@ -118,7 +118,8 @@ def main(argv=None) -> list[harness.Row]:
                 return torch.autograd.grad(m(x), params, g)
 
             t = harness.time_fn(step, opt.device, opt.min_run_time)
-            rows.append(
+            harness.record(
+                rows,
                 harness.Row(
                     "mlp",
                     name,
@@ -131,7 +132,8 @@ def main(argv=None) -> list[harness.Row]:
                     6 * macs / (t.median_ms * 1e-3) / opt.scale,
                     opt.unit,
                     held,
-                )
+                ),
+                opt,
             )
     harness.report(rows, opt, "nnfast MLP forward+backward", ["eager", "compile"])
     print()

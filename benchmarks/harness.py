@@ -278,9 +278,16 @@ def progress(items: list, desc: str):
     return tqdm(items, desc=desc, file=sys.stderr)
 
 
+def record(rows: list[Row], row: Row, settings: SimpleNamespace) -> None:
+    """Keep a measured row and append it to the CSV at once, so a run cut short keeps its rows."""
+    rows.append(row)
+    write_csv([row], settings.name, settings.out_dir)
+
+
 def report(rows: Sequence[Row], settings: SimpleNamespace, title: str, alternatives: Sequence[str]):
-    """Markdown table on stdout, CSV rows appended and a plot, under settings.out_dir."""
+    """Markdown table on stdout and a plot beside the CSV that ``record`` wrote."""
     print(markdown(rows, alternatives=alternatives))
-    csv_path = write_csv(rows, settings.name, settings.out_dir)
     png = plot(rows, settings.name, title, settings.out_dir)
-    print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else ""))
+    print(
+        f"\nCSV: {settings.out_dir / (settings.name + '.csv')}" + (f"\nplot: {png}" if png else "")
+    )

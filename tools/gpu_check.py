@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Seconds for each stage; the sum stays under the 10 minutes a GPU machine call allows.
-BUDGET = {"build": 150, "tests": 200, "bench_dense": 150, "bench_mlp": 60}
+# Seconds for each stage; the sum stays under the 10 minutes a GPU machine call allows. The
+# benchmarks append each row to their CSV as it is measured, so a stage cut short keeps its rows.
+BUDGET = {"build": 120, "tests": 180, "bench_dense": 200, "bench_mlp": 60}
 
 
 def main() -> int:
@@ -73,7 +74,7 @@ def main() -> int:
                 "--dtypes",
                 "bf16,fp16,fp32",
                 "--activations",
-                "gelu,relu",
+                "gelu",
                 "--out-dir",
                 str(out),
             ],
