@@ -99,6 +99,9 @@ def providers(device: str, activation: str, dtype: torch.dtype) -> dict[str, tup
 
 
 def measure(fn, mode: str, sets: Callable, device: str, min_run_time: float):
+    # "bwd" replays one graph's backward (retain_graph=True), which compiled graphs with donated
+    # buffers refuse; donation saves memory, not backward time, so it is off for this script.
+    torch._functorch.config.donated_buffer = False
     if mode == "fwd":
 
         def run():

@@ -247,7 +247,7 @@ def cli(
     p.add_argument(f"--{grid_flag}", dest="grid", help=grid_help)
     p.add_argument("--dtypes", help="comma-separated of " + ",".join(DTYPES))
     p.add_argument("--activations", default=activations)
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated of fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated of fwd,bwd,fwd+bwd")
     p.add_argument("--quick", action="store_true", help="small grid, short timing")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds per measurement")
     p.add_argument("--out-dir", type=Path, default=RESULTS)

@@ -1,0 +1,75 @@
+"""Rewrite README.md's results tables (between the results markers) from benchmarks/results/*.csv.
+
+make bench && .venv/bin/python tools/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def dense_table() -> str:
+    rows = list(csv.DictReader((RESULTS / "bench_dense.csv").open()))
+    by: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = float(r["median_ms"])
+    lines = [
+        "| shape MxK→N | mode | nnfast (extension) ms | eager ms | torch.compile ms"
+        " | oneDNN post-op ms | nnfast / eager | nnfast / best other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (shape, mode), d in by.items():
+        m, k, n = shape.split("x")
+        ext = d["nnfast-extension"]
+        others = [d[p] for p in ("eager", "compile", "onednn") if p in d]
+        onednn = f"{d['onednn']:.2f}" if "onednn" in d else "-"
+        lines.append(
+            f"| {m}x{k}→{n} | {mode} | {ext:.2f} | {d['eager']:.2f} | {d['compile']:.2f} | {onednn}"
+            f" | {ext / d['eager']:.2f}x | {ext / min(others):.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def mlp_table() -> str:
+    rows = list(csv.DictReader((RESULTS / "bench_mlp.csv").open()))
+    by: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["activation"]), {})[r["provider"]] = (
+            float(r["median_ms"]),
+            float(r["peak_mb"]),
+        )
+    lines = [
+        "| MLP (width x hidden layers x out @ batch) | act"
+        " | fwd+bwd ms: nnfast / checkpoint / eager / compile | nnfast / eager time"
+        " | held for backward MiB: nnfast / checkpoint / eager | nnfast / eager memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (shape, act), d in by.items():
+        f, c, e, co = d["nnfast"], d["nnfast-checkpoint"], d["eager"], d["compile"]
+        lines.append(
+            f"| {shape} | {act} | {f[0]:.1f} / {c[0]:.1f} / {e[0]:.1f} / {co[0]:.1f}"
+            f" | {f[0] / e[0]:.2f}x | {f[1]:.0f} / {c[1]:.0f} / {e[1]:.0f} | {f[1] / e[1]:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, table in (("dense", dense_table()), ("mlp", mlp_table())):
+        text = re.sub(
+            rf"(<!-- results:{name}:begin -->\n).*?(\n<!-- results:{name}:end -->)",
+            lambda m, t=table: m.group(1) + t + m.group(2),
+            text,
+            flags=re.S,
+        )
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
