@@ -88,3 +88,22 @@ def want_cuda() -> bool:
 
 def link_flags() -> list[str]:
     return ["-fopenmp"]
+
+
+def cublaslt_link_flags() -> list[str]:
+    """How to link cuBLASLt: the toolkit's libcublasLt.so, else the copy that ships in the nvidia
+    wheel CUDA builds of torch depend on (it has only versioned names, hence -l:<file>)."""
+    import importlib.util
+
+    for package in ("nvidia.cu13", "nvidia.cublas", "nvidia"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        for root in (
+            spec.submodule_search_locations if spec and spec.submodule_search_locations else []
+        ):
+            libs = sorted(Path(root).glob("**/lib/libcublasLt.so*"))
+            if libs:
+                return [f"-L{libs[0].parent}", f"-l:{libs[0].name}", f"-Wl,-rpath,{libs[0].parent}"]
+    return ["-lcublasLt"]

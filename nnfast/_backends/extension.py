@@ -45,7 +45,7 @@ def jit_build(build_dir: Path | None = None, verbose: bool = False) -> None:
         name="nnfast_C",
         sources=sources,
         extra_cflags=_build.cxx_flags(),
-        extra_ldflags=_build.link_flags() + (["-lcublasLt"] if kwargs else []),
+        extra_ldflags=_build.link_flags() + (_build.cublaslt_link_flags() if kwargs else []),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
