@@ -7,7 +7,8 @@ Backward (``dense_bwd_kernel``): the activation derivative is applied while the 
 tiles are loaded as the A operand of grad_x = (grad_out * f'(saved)) @ W, so there is no separate
 elementwise pass over the (M, N) gradient. The programs of the first K-column block also write
 grad_pre (read by the grad_w GEMM) and its per-row-block column sums (the bias gradient, finished
-by a (cdiv(M, BLOCK_M), N) -> (N,) sum).
+by a (cdiv(M, BLOCK_M), N) -> (N,) sum). Gated layers (GATED) do the same with two accumulators
+in the forward and both halves of grad_pre ([gate, up]) in the backward.
 """
 
 import triton
@@ -98,11 +99,11 @@ def dense_fwd_kernel(
 @triton.jit
 def dense_bwd_kernel(
     go_ptr,  # (M, N) grad of the output, any strides
-    s_ptr,  # (M, N) saved output or pre-activation, contiguous
-    w_ptr,  # (N, K), any strides
+    s_ptr,  # (M, R) saved output or pre-activation, contiguous; R = 2N [gate, up] when GATED
+    w_ptr,  # (R, K), any strides
     gx_ptr,  # (M, K) grad_x, contiguous; written when COMPUTE_GX
-    gp_ptr,  # (M, N) grad_pre, contiguous; written when STORE_GP
-    gb_ptr,  # (cdiv(M, BLOCK_M), N) float32 bias-gradient partial sums; written when HAS_BIAS
+    gp_ptr,  # (M, R) grad_pre, contiguous; written when STORE_GP
+    gb_ptr,  # (cdiv(M, BLOCK_M), R) float32 bias-gradient partial sums; written when HAS_BIAS
     M,
     N,
     K,
@@ -115,6 +116,7 @@ def dense_bwd_kernel(
     COMPUTE_GX: tl.constexpr,
     STORE_GP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,9 +130,10 @@ def dense_bwd_kernel(
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
+    R = 2 * N if GATED else N  # row length of saved, grad_pre and the bias partials
     go_ptrs = go_ptr + offs_m[:, None] * stride_gom + offs_n[None, :] * stride_gon
-    s_ptrs = s_ptr + offs_m[:, None] * N + offs_n[None, :]
-    gp_ptrs = gp_ptr + offs_m[:, None] * N + offs_n[None, :]
+    s_ptrs = s_ptr + offs_m[:, None] * R + offs_n[None, :]
+    gp_ptrs = gp_ptr + offs_m[:, None] * R + offs_n[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
@@ -138,19 +141,31 @@ def dense_bwd_kernel(
         mask = m_mask[:, None] & (offs_n[None, :] < n_left)
         go = tl.load(go_ptrs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-        gp = (go * act.grad(s, param, ACT)).to(gp_ptr.dtype.element_ty)
+        if GATED:
+            # y = f(gate) * up:  dL/dgate = dL/dy * up * f'(gate),  dL/dup = dL/dy * f(gate)
+            up = tl.load(s_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+            gp = (go * up * act.grad(s, param, ACT)).to(gp_ptr.dtype.element_ty)
+            gp_up = (go * act.apply(s, param, ACT)).to(gp_ptr.dtype.element_ty)
+        else:
+            gp = (go * act.grad(s, param, ACT)).to(gp_ptr.dtype.element_ty)
         if pid_k == 0:  # one program per row block writes grad_pre and the bias partials
+            gb_ptrs = gb_ptr + pid_m * R + n * BLOCK_N + offs_n
             if STORE_GP:
                 tl.store(gp_ptrs, gp, mask=mask)
+                if GATED:
+                    tl.store(gp_ptrs + N, gp_up, mask=mask)
             if HAS_BIAS:
-                tl.store(
-                    gb_ptr + pid_m * N + n * BLOCK_N + offs_n,
-                    tl.sum(gp.to(tl.float32), axis=0),
-                    mask=offs_n < n_left,
-                )
+                tl.store(gb_ptrs, tl.sum(gp.to(tl.float32), axis=0), mask=offs_n < n_left)
+                if GATED:
+                    tl.store(
+                        gb_ptrs + N, tl.sum(gp_up.to(tl.float32), axis=0), mask=offs_n < n_left
+                    )
         if COMPUTE_GX:
             w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
             acc = tl.dot(gp, w, acc, input_precision=INPUT_PRECISION)
+            if GATED:  # the up rows of W sit N rows below the gate rows
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=offs_n[:, None] < n_left, other=0.0)
+                acc = tl.dot(gp_up, w_up, acc, input_precision=INPUT_PRECISION)
         go_ptrs += BLOCK_N * stride_gon
         s_ptrs += BLOCK_N
         gp_ptrs += BLOCK_N
@@ -162,42 +177,3 @@ def dense_bwd_kernel(
             acc.to(gx_ptr.dtype.element_ty),
             mask=m_mask[:, None] & (offs_k[None, :] < K),
         )
-
-
-@triton.jit
-def gated_bwd_kernel(
-    go_ptr,  # (M, N) grad of the output, any strides
-    pre_ptr,  # (M, 2N) [gate, up] pre-activation, contiguous
-    gp_ptr,  # (M, 2N) grad_pre, contiguous
-    gb_ptr,  # (cdiv(M, BLOCK_M), 2N) float32 bias-gradient partial sums; written when HAS_BIAS
-    M,
-    N,
-    stride_gom,
-    stride_gon,
-    param,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # y = f(gate) * up:  dL/dgate = dL/dy * up * f'(gate),  dL/dup = dL/dy * f(gate)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    go = tl.load(
-        go_ptr + offs_m[:, None] * stride_gom + offs_n[None, :] * stride_gon, mask=mask, other=0.0
-    ).to(tl.float32)
-    pre = pre_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
-    gate = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(pre + N, mask=mask, other=0.0).to(tl.float32)
-    g_gate = (go * up * act.grad(gate, param, ACT)).to(gp_ptr.dtype.element_ty)
-    g_up = (go * act.apply(gate, param, ACT)).to(gp_ptr.dtype.element_ty)
-    gp = gp_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
-    tl.store(gp, g_gate, mask=mask)
-    tl.store(gp + N, g_up, mask=mask)
-    if HAS_BIAS:
-        gb = gb_ptr + pid_m * (2 * N) + offs_n
-        tl.store(gb, tl.sum(g_gate.to(tl.float32), axis=0), mask=offs_n < N)
-        tl.store(gb + N, tl.sum(g_up.to(tl.float32), axis=0), mask=offs_n < N)

@@ -201,19 +201,17 @@ def backward(
     need_x, need_w, need_b = needs
     m, n = grad_out.shape
     k = weight.shape[1] if need_x else x.shape[1]
-    if act.is_gated and m > 0 and n > 0:
-        gp, grad_b = _gated_grad_pre(grad_out, saved, act, need_b)
-        grad_x = gp @ weight if need_x else None
-    elif act.is_identity or m == 0 or n == 0 or k == 0:
+    if act.is_identity or m == 0 or n == 0 or k == 0:
         gp = grad_out if act.is_identity else _reference_grad_pre(grad_out, saved, act)
         grad_x = gp @ weight if need_x else None
         grad_b = gp.sum(0) if need_b else None
     else:
         _, bwd, min_bm = _kernels()
+        rows = 2 * n if act.is_gated else n  # weight rows: gate and up rows for gated layers
         grad_x = grad_out.new_empty(m, k) if need_x else None
-        gp = grad_out.new_empty(m, n) if need_w else None
+        gp = grad_out.new_empty(m, rows) if need_w else None
         partial = (
-            torch.zeros(triton.cdiv(m, min_bm), n, device=grad_out.device, dtype=torch.float32)
+            torch.zeros(triton.cdiv(m, min_bm), rows, device=grad_out.device, dtype=torch.float32)
             if need_b
             else None
         )
@@ -237,10 +235,11 @@ def backward(
             stride_wn=weight.stride(0) if need_x else 0,
             stride_wk=weight.stride(1) if need_x else 0,
             param=act.param,
-            ACT=act.act.code,
+            ACT=act.base.act.code,
             COMPUTE_GX=need_x,
             STORE_GP=need_w,
             HAS_BIAS=need_b,
+            GATED=act.is_gated,
             INPUT_PRECISION=_input_precision(grad_out.dtype),
         )
         grad_b = partial.sum(0).to(grad_out.dtype) if need_b else None
@@ -248,39 +247,6 @@ def backward(
     # cuBLAS picks split-K itself; a Triton version is to be measured against it on a GPU.
     grad_w = gp.t() @ x if need_w else None
     return grad_x, grad_w, grad_b
-
-
-def _gated_grad_pre(
-    grad_out: Tensor, pre: Tensor, act: ActivationSpec, need_b: bool
-) -> tuple[Tensor, Tensor | None]:
-    """grad_pre (M, 2N) of a gated layer and its column sums, in one elementwise kernel; the
-    GEMMs then run through cuBLAS."""
-    import triton
-
-    m, n = grad_out.shape
-    block = 32 if _interpreting() else 64
-    gp = grad_out.new_empty(m, 2 * n)
-    partial = (
-        torch.empty(triton.cdiv(m, block), 2 * n, device=grad_out.device, dtype=torch.float32)
-        if need_b
-        else gp
-    )
-    _kernel_module().gated_bwd_kernel[(triton.cdiv(m, block), triton.cdiv(n, block))](
-        grad_out,
-        pre,
-        gp,
-        partial,
-        m,
-        n,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        act.param,
-        ACT=act.base.act.code,
-        HAS_BIAS=need_b,
-        BLOCK_M=block,
-        BLOCK_N=block,
-    )
-    return gp, (partial.sum(0).to(grad_out.dtype) if need_b else None)
 
 
 def _reference_grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
