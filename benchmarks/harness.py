@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -228,10 +227,6 @@ def plot(rows: Sequence[Row], name: str, title: str, out_dir: Path = RESULTS) ->
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
