@@ -16,10 +16,10 @@ CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
 
-# Floor added to the tolerance rule, per dtype, relative to the result's magnitude (a couple of
-# units in the last place): covers results where plain PyTorch happens to be exact (K=1, M=1) or
+# Floor added to the tolerance rule, per dtype, relative to the result's magnitude (about four
+# units in the last place for the 16-bit dtypes): covers results where plain PyTorch happens to be exact (K=1, M=1) or
 # lucky (a reduction whose rounding errors cancel) and the fused kernel rounds once differently.
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def backend_devices() -> list:
