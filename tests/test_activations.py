@@ -88,7 +88,15 @@ def test_table_derivative_matches_autograd(row):
         y = spec(x)
         (want,) = torch.autograd.grad(y.sum(), x)
         saved = y.detach() if spec.from_output else x.detach()
-        assert torch.allclose(spec.grad(saved), want, rtol=1e-10, atol=1e-12), (row.name, param)
+        # float64: PyTorch's own GeluBackward differs from the closed form by up to ~1.5e-11 in some
+        # runs (its vectorized path), so 1e-9 here; a wrong formula is off by far more
+        torch.testing.assert_close(
+            spec.grad(saved),
+            want,
+            rtol=1e-8,
+            atol=1e-9,
+            msg=lambda m, p=param: f"{row.name} {p}: {m}",
+        )
 
 
 def test_codes_are_unique_and_stable():
