@@ -33,7 +33,7 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def dense_fwd_kernel(
     x_ptr,  # (M, K), any strides
     w_ptr,  # (N, K), any strides
-    b_ptr,  # (N,), or (2N,) when GATED
+    b_ptr,  # (N,), or (2N,) when GATED; any stride (stride 0: an expanded bias)
     out_ptr,  # (M, N), contiguous
     pre_ptr,  # (M, N), or (M, 2N) [gate, up] when GATED; contiguous; written when STORE_PRE
     M,
@@ -43,6 +43,7 @@ def dense_fwd_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
+    stride_b,
     param,  # leaky_relu's negative_slope
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -78,9 +79,9 @@ def dense_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols * stride_b).to(tl.float32)[None, :]
         if GATED:
-            acc_up += tl.load(b_ptr + N + cols).to(tl.float32)[None, :]
+            acc_up += tl.load(b_ptr + (N + cols) * stride_b).to(tl.float32)[None, :]
     out = act.apply(acc, param, ACT)
     if GATED:
         out = out * acc_up

@@ -172,18 +172,28 @@ def _fused(backend: str, spec: ActivationSpec, x: Tensor, weights: list[Tensor])
     return supported is not None and supported(spec, widths, x.dtype, x.device.type)
 
 
+def _present(weights: list[Tensor], biases: list[Tensor]) -> list[Tensor | None]:
+    """The op's bias list with None where a layer has no bias (passed as an empty tensor; one of
+    shape (0,) for a layer with no outputs adds nothing either way)."""
+    return [b if b.shape == (w.shape[0],) else None for w, b in zip(weights, biases)]
+
+
 @torch.library.custom_op("nnfast::mlp_fwd", mutates_args=())
 def mlp_fwd(
     x: Tensor,
     weights: list[Tensor],
-    biases: list[Tensor | None],
+    biases: list[Tensor],
     activation: str,
     param: float,
     save: bool,
     backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
-    """x: (M, K) -> out (M, N_last), and per hidden layer the tensor its backward reads."""
+    """x: (M, K) -> out (M, N_last), and per hidden layer the tensor its backward reads.
+
+    biases: one (N_i,) tensor per layer, or an empty tensor where the layer has no bias.
+    """
     be = _backends.get(backend)
+    biases = _present(weights, biases)
     if _fused(backend, _spec(activation, param), x, weights):
         return be.mlp_forward(x, weights, biases, _spec(activation, param), save)
     h, saved = x, []
@@ -278,6 +288,7 @@ def _mlp_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)
     ctx.activation, ctx.param, ctx.backend = activation, param, backend
     ctx.num_layers = len(weights)
+    biases = _present(weights, biases)
     ctx.has_bias = [b is not None for b in biases]
     ctx.needs = (
         x.requires_grad,
@@ -296,12 +307,11 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
     it = iter(tensors[1 + n : 1 + n + sum(ctx.has_bias)])
     biases = [next(it) if hb else None for hb in ctx.has_bias]
     saved = list(tensors[1 + n + sum(ctx.has_bias) :])
-    # An all-None bias list reaches autograd as a single None leaf: answer in that structure.
-    no_bias = None if not any(ctx.has_bias) else [None] * n
     if grad_out is None:
-        return None, [None] * n, no_bias, None, None, None, None
+        return None, [None] * n, [None] * n, None, None, None, None
     if ctx.recompute:
-        _, saved = mlp_fwd(x, weights, biases, ctx.activation, ctx.param, True, ctx.backend)
+        placeholders = [x.new_empty(0) if b is None else b for b in biases]
+        _, saved = mlp_fwd(x, weights, placeholders, ctx.activation, ctx.param, True, ctx.backend)
     needs_x, needs_w, needs_b = ctx.needs
     gx, gws, gbs = mlp_bwd(
         grad_out,
@@ -319,9 +329,7 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
     return (
         gx if needs_x else None,
         [gw if needs_w else None for gw in gws],
-        [gb if (needs_b and hb) else None for gb, hb in zip(gbs, ctx.has_bias)]
-        if any(ctx.has_bias)
-        else None,
+        [gb if (needs_b and hb) else None for gb, hb in zip(gbs, ctx.has_bias)],
         None,
         None,
         None,

@@ -64,6 +64,10 @@ class Activation:
     # and y = base(gate) * up with ``base`` the row named here. fn/grad are the base's.
     gated_base: str | None = None
 
+    def __reduce__(self) -> tuple:
+        # by name: the row holds functions (lambdas) that pickle cannot store
+        return (_row, (self.name,))
+
     def grad_from_output(self, param: float) -> bool:
         """Whether backward evaluates ``grad`` on the output.
 
@@ -164,6 +168,13 @@ TABLE = TABLE + tuple(
 )
 
 BY_NAME: dict[str, Activation] = {a.name: a for a in TABLE}
+
+
+def _row(name: str) -> Activation:
+    """The table row called ``name`` (how pickle restores an Activation)."""
+    return BY_NAME[name]
+
+
 _LOOKUP: dict[str, Activation] = {n: a for a in TABLE for n in (a.name, *a.aliases)}
 NAMES: tuple[str, ...] = tuple(a.name for a in TABLE if a.gated_base is None)
 GATED_NAMES: tuple[str, ...] = tuple(a.name for a in TABLE if a.gated_base is not None)

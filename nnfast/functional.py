@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from nnfast import _backends, _ops
 from nnfast.activations import ActivationSpec, resolve
@@ -80,6 +81,25 @@ def _autocast_all(x: Tensor, *params: Tensor | None) -> list:
     ]
 
 
+def _composite(*tensors: Tensor | None) -> bool:
+    """Whether this call runs as plain PyTorch ops (the reference math) instead of the custom op.
+
+    Custom ops have no forward-mode rule and no torch.func support: under ``torch.func`` transforms
+    (grad, vmap, jvp, jacrev, jacfwd, ...) or forward-mode AD (``torch.autograd.forward_ad`` dual
+    tensors) the op would return a zero tangent or fail, so those calls take the composite path,
+    where every transform works. So do calls with a zero-size inner dimension (``in_features=0``),
+    where the result is the bias broadcast, as in ``F.linear``. Under torch.compile the op is
+    always used (the check itself would break the graph).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level >= 0:
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
 def dense(
     x: Tensor,
     weight: Tensor,
@@ -108,15 +128,17 @@ def dense(
     x, weight, bias = _autocast_all(x, weight, bias)
     _check_dense_args(x, weight, bias, act)
     name = _backends.select(backend, x.device.type, x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # copies only when the leading dims cannot be flattened
+    if x.shape[-1] == 0 or _composite(x, weight, bias):
+        return act(torch.nn.functional.linear(x, weight, bias))
+    flat = x.dim() == 2  # no reshape: the output is not a view (FSDP2 warns about views)
+    x2 = x if flat else x.reshape(-1, x.shape[-1])  # copies only when dims cannot be flattened
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
     out, _ = _ops.dense_fwd(
         x2, weight, bias, act.name, act.param, needs_grad and act.saves_pre, name
     )
-    return out.reshape(*lead, out.shape[-1])
+    return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def mlp(
@@ -162,17 +184,23 @@ def mlp(
             raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
         probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
     name = _backends.select(backend, x.device.type, x.dtype)
-    lead = x.shape[:-1]
+    if any(0 in w.shape for w in weights) or _composite(x, *weights, *biases):
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            x = (act if i < last else resolve(None))(torch.nn.functional.linear(x, w, b))
+        return x
+    flat = x.dim() == 2
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *weights, *biases)
     )
     out, _ = _ops.mlp_fwd(
-        x.reshape(-1, x.shape[-1]),
+        x if flat else x.reshape(-1, x.shape[-1]),
         weights,
-        biases,
+        # a missing bias is an empty tensor: the op's autograd needs a list of tensors to return
+        # one gradient per bias (a list holding None is a single leaf to it)
+        [x.new_empty(0) if b is None else b for b in biases],
         act.name,
         act.param,
         needs_grad and not checkpoint,
         name,
     )
-    return out.reshape(*lead, out.shape[-1])
+    return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

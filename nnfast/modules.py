@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from nnfast.activations import resolve
 from nnfast.functional import dense, mlp
@@ -105,6 +107,11 @@ class FusedMLP(nn.Module):
         self.activation = act
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._layers_wrapped():
+            # Call the layers, as nn.Sequential would, so that whatever wraps them runs.
+            if self.checkpoint and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(self._each_layer, x, use_reentrant=False)
+            return self._each_layer(x)
         return mlp(
             x,
             [layer.weight for layer in self.layers],
@@ -112,6 +119,35 @@ class FusedMLP(nn.Module):
             self.activation,
             checkpoint=self.checkpoint,
         )
+
+    def _each_layer(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def _layers_wrapped(self) -> bool:
+        """Whether anything stands between this module and its layers' parameters: hooks (module
+        or global), FSDP2's ``fully_shard`` (which swaps the layer's class and gathers DTensor
+        shards in a pre-forward hook), parametrizations, a replaced ``forward`` or layer. The fused
+        op reads the parameters directly and would bypass all of them."""
+        if (
+            _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks
+        ):
+            return True
+        for layer in self.layers:
+            if (
+                type(layer) is not FusedDense
+                or layer._forward_hooks
+                or layer._forward_pre_hooks
+                or layer._backward_hooks
+                or layer._backward_pre_hooks
+                or "forward" in layer.__dict__
+            ):
+                return True
+        return False
 
     @classmethod
     def from_gated_linears(

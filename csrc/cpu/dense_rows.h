@@ -26,10 +26,13 @@ struct Math<Vectorized<float>> {
   // into a number (sigmoid(NaN) came out 0)
   static V exp(const V& x) { return x.exp(); }
   static V erf(const V& x) { return x.erf(); }
-  // tanh(x) = 1 - 2 / (exp(2x) + 1): 2.4x faster than Sleef's tanh here (65536x64 fp32 epilogue,
-  // 3.0 -> 1.25 ms on 2 Xeon cores); exact at +-inf, NaN stays NaN, absolute error ~1e-7.
+  // tanh(x) = t / (t + 2), t = expm1(2x): about as fast as the exp form that was 2.4x faster than
+  // Sleef's tanh here (65536x64 fp32 epilogue on 2 Xeon cores), and without its cancellation:
+  // 1 - 2 / (exp(2x) + 1) gave tanh(1e-8) = 0. x is capped at 9 (tanh(9) rounds to 1) so that t
+  // stays finite; -inf gives t = -1 and -1; NaN stays NaN (minimum propagates it).
   static V tanh(const V& x) {
-    return V(1.f) - V(2.f) / ((x + x).exp() + V(1.f));
+    const V t = (at::vec::minimum(x, V(9.f)) * V(2.f)).expm1();
+    return t / (t + V(2.f));
   }
   static V select_pos(const V& s, const V& a, const V& b) {
     return V::blendv(b, a, s > V(0.f));

@@ -124,7 +124,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bwd
         if (gws.empty()) {
           for (int64_t l = 0; l < layers; ++l) {
             gws.push_back(at::zeros_like(weights[l]));
-            gbs.push_back(at::zeros({weights[l].size(0)}, x.options()));
+            // float64 totals of per-block (cascade) sums: the bias gradient's error does not
+            // grow with the number of row blocks
+            gbs.push_back(at::zeros({weights[l].size(0)}, x.options().dtype(at::kDouble)));
           }
         }
         for (int64_t blk = b0; blk < b1; ++blk) {
@@ -146,7 +148,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bwd
               }
             }
             gws[l].addmm_(g.t(), xin);
-            if (has_bias.get(l)) gbs[l].add_(g.sum(0));
+            if (has_bias.get(l)) gbs[l].add_(g.sum(0, false, at::kDouble));
             if (l == 0) {
               if (needs_x) {
                 at::Tensor dst = gx.narrow(0, r0, rows);
@@ -169,7 +171,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bwd
   std::vector<at::Tensor> grad_w, grad_b;
   for (int64_t l = 0; l < layers; ++l) {
     at::Tensor w = at::zeros_like(weights[l]);
-    at::Tensor b = has_bias.get(l) ? at::zeros({weights[l].size(0)}, x.options())
+    at::Tensor b = has_bias.get(l) ? at::zeros({weights[l].size(0)}, x.options().dtype(at::kDouble))
                                    : at::empty({0}, x.options());
     for (int t = 0; t < threads; ++t) {
       if (gw_t[t].empty()) continue;
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bwd
       if (has_bias.get(l)) b.add_(gb_t[t][l]);
     }
     grad_w.push_back(w);
-    grad_b.push_back(b);
+    grad_b.push_back(b.to(x.scalar_type()));
   }
   return {gx, grad_w, grad_b};
 }

@@ -275,9 +275,13 @@ void launch_bwd_prologue(const at::Tensor& g, const at::Tensor& s, at::Tensor& g
 // ---- ops -------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at::Tensor& weight,
-                                                  const c10::optional<at::Tensor>& bias,
+                                                  const c10::optional<at::Tensor>& bias_,
                                                   int64_t act, double param, bool save_pre) {
-  check_fwd_args(x_, weight, bias, act);
+  check_fwd_args(x_, weight, bias_, act);
+  // cuBLASLt reads the bias as N consecutive values: a strided or expanded (stride-0) bias is
+  // copied (N elements) rather than read out of bounds.
+  const c10::optional<at::Tensor> bias =
+      bias_.has_value() ? c10::optional<at::Tensor>(bias_->contiguous()) : c10::nullopt;
   c10::cuda::OptionalCUDAGuard guard(x_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int base = gated_base(static_cast<int>(act));

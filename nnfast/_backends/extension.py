@@ -165,6 +165,10 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     if _use_onednn(x, weight, act, save):
         attr, algorithm = _ONEDNN[act.name]
+        # oneDNN reads the bias as N consecutive values: copy a strided or expanded one (N
+        # elements) instead of letting it read garbage or out of bounds
+        if bias is not None and not bias.is_contiguous():
+            bias = bias.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
         return out, x.new_empty(0)
     return torch.ops.nnfast_ext.dense_fwd(x, weight, bias, act.act.code, act.param, save)

@@ -178,6 +178,7 @@ def forward(
         stride_xk=x.stride(1),
         stride_wn=weight.stride(0),
         stride_wk=weight.stride(1),
+        stride_b=bias.stride(0) if bias is not None else 0,
         param=act.param,
         ACT=act.base.act.code,
         HAS_BIAS=bias is not None,
