@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::
         const scalar_t* src = acc.data_ptr<scalar_t>();
         scalar_t* dst = out.data_ptr<scalar_t>();
         at::parallel_for(0, m, grain_rows(rows), [&](int64_t r0, int64_t r1) {
-          gated_fwd_rows<ACT>(src, dst, r0, r1, n, static_cast<float>(param));
+          gated_fwd_rows<ACT>(src, dst, r0, r1, n, param);
         });
       });
     });
@@ -118,7 +118,6 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::
   const bool bias_in_gemm = bias.has_value() && x.scalar_type() != at::kFloat;
   const at::Tensor bf = bias_in_gemm ? at::Tensor() : float_bias(bias);
   const float* bptr = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  const float p = static_cast<float>(param);
   auto gemm = [&](at::Tensor& dst, const at::Tensor& a) {
     if (bias_in_gemm) {
       at::addmm_out(dst, *bias, a, wt);
@@ -142,13 +141,13 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cpu(const at::Tensor& x, const at::
             const int64_t r0 = b * kRowBlock, r1 = std::min(m, r0 + kRowBlock);
             at::Tensor blk = out.narrow(0, r0, r1 - r0);
             gemm(blk, x.narrow(0, r0, r1 - r0));
-            fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, p);
+            fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, param);
           }
         });
       } else {
         gemm(out, x);
         at::parallel_for(0, m, grain_rows(n), [&](int64_t r0, int64_t r1) {
-          fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, p);
+          fwd_rows<ACT>(optr, bptr, pptr, optr, r0, r1, n, param);
         });
       }
     });
@@ -185,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_bwd_cpu(const at::Tensor& g
       at::parallel_for(0, m, grain_rows(rows), [&](int64_t r0, int64_t r1) {
         sums.over(r0, r1, [&](int64_t c0, int64_t c1, acc_t* cs) {
           gated_bwd_rows<ACT>(g.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
-                              gp.data_ptr<scalar_t>(), cs, c0, c1, n, static_cast<float>(param));
+                              gp.data_ptr<scalar_t>(), cs, c0, c1, n, param);
         });
       });
     });
@@ -218,7 +217,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
   if (m == 0 || n == 0) {  // empty batch (or no outputs): zero gradients
     return {gx.zero_(), gw.zero_(), gb.zero_()};
   }
-  const float p = static_cast<float>(param);
   const int threads = at::get_num_threads();
   const bool blocked = small_weight(weight) &&
                        (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble);
@@ -246,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
             at::Tensor gpb = gp.narrow(0, 0, rows);
             sums.over(0, rows, [&](int64_t c0, int64_t c1, acc_t* cs) {
               bwd_rows<ACT>(gptr + r0 * n, sptr ? sptr + r0 * n : nullptr,
-                            gpb.data_ptr<scalar_t>(), cs, c0, c1, n, p);
+                            gpb.data_ptr<scalar_t>(), cs, c0, c1, n, param);
             });
             if (needs_x) {
               at::Tensor gxb = gx.narrow(0, r0, rows);
@@ -265,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cpu(
         if (!(ACT == IDENTITY && !needs_b)) {
           at::parallel_for(0, m, grain_rows(n), [&](int64_t r0, int64_t r1) {
             sums.over(r0, r1, [&](int64_t c0, int64_t c1, acc_t* cs) {
-              bwd_rows<ACT>(gptr, sptr, gp.data_ptr<scalar_t>(), cs, c0, c1, n, p);
+              bwd_rows<ACT>(gptr, sptr, gp.data_ptr<scalar_t>(), cs, c0, c1, n, param);
             });
           });
         }

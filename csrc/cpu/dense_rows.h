@@ -112,24 +112,24 @@ inline thread_local Scratch scratch;
 
 template <int ACT, typename scalar_t>
 inline void fwd_rows(const scalar_t* acc, const float* bias, scalar_t* pre, scalar_t* out, int64_t r0,
-              int64_t r1, int64_t n, float param) {
+              int64_t r1, int64_t n, double param) {
   for (int64_t i = r0; i < r1; ++i) {
     const scalar_t* src = acc + i * n;
     scalar_t* dst = out + i * n;
     scalar_t* pr = pre ? pre + i * n : nullptr;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      fwd_row<ACT>(src, bias, pr, dst, n, param);
+      fwd_row<ACT>(src, bias, pr, dst, n, static_cast<float>(param));
     } else if constexpr (std::is_same_v<scalar_t, double>) {
       for (int64_t j = 0; j < n; ++j) {
         double x = src[j];  // float64 bias is added by the GEMM
         if (pr) pr[j] = x;
-        dst[j] = act_forward<ACT>(x, static_cast<double>(param));
+        dst[j] = act_forward<ACT>(x, param);
       }
     } else {
       scratch.ensure(n);
       at::vec::convert(src, scratch.a.data(), n);
       fwd_row<ACT>(scratch.a.data(), bias, pr ? scratch.b.data() : nullptr, scratch.a.data(), n,
-                   param);
+                   static_cast<float>(param));
       at::vec::convert(scratch.a.data(), dst, n);
       if (pr) at::vec::convert(scratch.b.data(), pr, n);
     }
@@ -139,17 +139,17 @@ inline void fwd_rows(const scalar_t* acc, const float* bias, scalar_t* pre, scal
 template <int ACT, typename scalar_t>
 inline void bwd_rows(const scalar_t* g, const scalar_t* s, scalar_t* gp, at::opmath_type<scalar_t>* colsum,
               int64_t r0,
-              int64_t r1, int64_t n, float param) {
+              int64_t r1, int64_t n, double param) {
   for (int64_t i = r0; i < r1; ++i) {
     const scalar_t* gi = g + i * n;
     const scalar_t* si = s ? s + i * n : nullptr;
     scalar_t* gpi = gp + i * n;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      bwd_row<ACT>(gi, si, gpi, colsum, n, param);
+      bwd_row<ACT>(gi, si, gpi, colsum, n, static_cast<float>(param));
     } else if constexpr (std::is_same_v<scalar_t, double>) {
       for (int64_t j = 0; j < n; ++j) {
         double d = gi[j];
-        if constexpr (ACT != IDENTITY) d *= act_grad<ACT>(static_cast<double>(si[j]), double(param));
+        if constexpr (ACT != IDENTITY) d *= act_grad<ACT>(static_cast<double>(si[j]), param);
         gpi[j] = d;
         if (colsum) colsum[j] += d;
       }
@@ -157,7 +157,8 @@ inline void bwd_rows(const scalar_t* g, const scalar_t* s, scalar_t* gp, at::opm
       scratch.ensure(n);
       at::vec::convert(gi, scratch.a.data(), n);
       if (si) at::vec::convert(si, scratch.b.data(), n);
-      bwd_row<ACT>(scratch.a.data(), scratch.b.data(), scratch.c.data(), nullptr, n, param);
+      bwd_row<ACT>(scratch.a.data(), scratch.b.data(), scratch.c.data(), nullptr, n,
+                   static_cast<float>(param));
       // round grad_pre to the dtype first: the bias gradient sums what the GEMMs see
       at::vec::convert(scratch.c.data(), gpi, n);
       if (colsum) {
@@ -171,18 +172,19 @@ inline void bwd_rows(const scalar_t* g, const scalar_t* s, scalar_t* gp, at::opm
 // Gated rows through float: pre (rows, 2n) -> out (rows, n); 16-bit and float64 via conversion.
 template <int ACT, typename scalar_t>
 inline void gated_fwd_rows(const scalar_t* pre, scalar_t* out, int64_t r0, int64_t r1, int64_t n,
-                    float param) {
+                    double param) {
   for (int64_t i = r0; i < r1; ++i) {
     const scalar_t* pi = pre + i * 2 * n;
     scalar_t* oi = out + i * n;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      gated_fwd_row<ACT>(pi, pi + n, oi, n, param);
+      gated_fwd_row<ACT>(pi, pi + n, oi, n, static_cast<float>(param));
     } else if constexpr (std::is_same_v<scalar_t, double>) {
-      for (int64_t j = 0; j < n; ++j) oi[j] = act_forward<ACT>(pi[j], double(param)) * pi[n + j];
+      for (int64_t j = 0; j < n; ++j) oi[j] = act_forward<ACT>(pi[j], param) * pi[n + j];
     } else {
       scratch.ensure(2 * n);
       at::vec::convert(pi, scratch.a.data(), 2 * n);
-      gated_fwd_row<ACT>(scratch.a.data(), scratch.a.data() + n, scratch.b.data(), n, param);
+      gated_fwd_row<ACT>(scratch.a.data(), scratch.a.data() + n, scratch.b.data(), n,
+                         static_cast<float>(param));
       at::vec::convert(scratch.b.data(), oi, n);
     }
   }
@@ -191,24 +193,24 @@ inline void gated_fwd_rows(const scalar_t* pre, scalar_t* out, int64_t r0, int64
 template <int ACT, typename scalar_t>
 inline void gated_bwd_rows(const scalar_t* g, const scalar_t* pre, scalar_t* gp,
                     at::opmath_type<scalar_t>* colsum, int64_t r0, int64_t r1, int64_t n,
-                    float param) {
+                    double param) {
   for (int64_t i = r0; i < r1; ++i) {
     const scalar_t* gi = g + i * n;
     const scalar_t* pi = pre + i * 2 * n;
     scalar_t* gpi = gp + i * 2 * n;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      gated_bwd_row<ACT>(gi, pi, pi + n, gpi, gpi + n, n, param);
+      gated_bwd_row<ACT>(gi, pi, pi + n, gpi, gpi + n, n, static_cast<float>(param));
     } else if constexpr (std::is_same_v<scalar_t, double>) {
       for (int64_t j = 0; j < n; ++j) {
-        gpi[j] = gi[j] * pi[n + j] * act_grad<ACT>(pi[j], double(param));
-        gpi[n + j] = gi[j] * act_forward<ACT>(pi[j], double(param));
+        gpi[j] = gi[j] * pi[n + j] * act_grad<ACT>(pi[j], param);
+        gpi[n + j] = gi[j] * act_forward<ACT>(pi[j], param);
       }
     } else {
       scratch.ensure(2 * n);
       at::vec::convert(gi, scratch.c.data(), n);
       at::vec::convert(pi, scratch.a.data(), 2 * n);
       gated_bwd_row<ACT>(scratch.c.data(), scratch.a.data(), scratch.a.data() + n,
-                         scratch.b.data(), scratch.b.data() + n, n, param);
+                         scratch.b.data(), scratch.b.data() + n, n, static_cast<float>(param));
       at::vec::convert(scratch.b.data(), gpi, 2 * n);
     }
     if (colsum) {

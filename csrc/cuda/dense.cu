@@ -154,7 +154,7 @@ int64_t blocks_for(int64_t work) {
 // out = f(src); pre = src when STORE_PRE (src already holds x @ W^T + b). src may alias out.
 template <int ACT, bool STORE_PRE, int VEC, typename scalar_t>
 __global__ void fwd_epilogue(const scalar_t* src, scalar_t* out, scalar_t* pre, int64_t packs,
-                             float param) {
+                             double param) {
   using P = Pack<scalar_t, VEC>;
   using acc_t = at::opmath_type<scalar_t>;  // float, or double for float64
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs;
@@ -174,7 +174,7 @@ __global__ void fwd_epilogue(const scalar_t* src, scalar_t* out, scalar_t* pre, 
 // gp = g * f'(s)
 template <int ACT, int VEC, typename scalar_t>
 __global__ void bwd_prologue(const scalar_t* g, const scalar_t* s, scalar_t* gp, int64_t packs,
-                             float param) {
+                             double param) {
   using P = Pack<scalar_t, VEC>;
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs;
@@ -194,7 +194,7 @@ __global__ void bwd_prologue(const scalar_t* g, const scalar_t* s, scalar_t* gp,
 
 // Gated: pre (rows, 2n) = [gate, up] -> out (rows, n) = f(gate) * up.
 template <int ACT, typename scalar_t>
-__global__ void gated_fwd(const scalar_t* pre, scalar_t* out, int64_t numel, int64_t n, float param) {
+__global__ void gated_fwd(const scalar_t* pre, scalar_t* out, int64_t numel, int64_t n, double param) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -208,7 +208,7 @@ __global__ void gated_fwd(const scalar_t* pre, scalar_t* out, int64_t numel, int
 // Gated: g_gate = g * up * f'(gate), g_up = g * f(gate), into gp (rows, 2n).
 template <int ACT, typename scalar_t>
 __global__ void gated_bwd(const scalar_t* g, const scalar_t* pre, scalar_t* gp, int64_t numel,
-                          int64_t n, float param) {
+                          int64_t n, double param) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -233,7 +233,7 @@ int pack_width(int64_t numel, std::initializer_list<const void*> ptrs) {
 }
 
 template <int ACT, typename scalar_t>
-void launch_fwd_epilogue(const at::Tensor& src, at::Tensor& out, at::Tensor* pre, float param) {
+void launch_fwd_epilogue(const at::Tensor& src, at::Tensor& out, at::Tensor* pre, double param) {
   const int64_t numel = out.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* s = src.data_ptr<scalar_t>();
@@ -256,7 +256,7 @@ void launch_fwd_epilogue(const at::Tensor& src, at::Tensor& out, at::Tensor* pre
 }
 
 template <int ACT, typename scalar_t>
-void launch_bwd_prologue(const at::Tensor& g, const at::Tensor& s, at::Tensor& gp, float param) {
+void launch_bwd_prologue(const at::Tensor& g, const at::Tensor& s, at::Tensor& gp, double param) {
   const int64_t numel = g.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* gptr = g.data_ptr<scalar_t>();
@@ -290,7 +290,6 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
   at::Tensor out = at::empty({m, n}, x_.options());
   at::Tensor pre = save_pre ? at::empty({m, rows}, x_.options()) : at::empty({0}, x_.options());
   if (m == 0 || n == 0) return {out, pre};
-  const float p = static_cast<float>(param);
   const at::Tensor x = x_.stride(1) == 1 ? x_ : x_.contiguous();
   const at::Tensor w = weight.contiguous();
 
@@ -306,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
         constexpr int ACT = decltype(a)::value;
         const int64_t numel = m * n;
         gated_fwd<ACT, scalar_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            acc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel, n, p);
+            acc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), numel, n, param);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -347,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_fwd_cuda", [&] {
     dispatch_act(static_cast<int>(act), [&](auto a) {
       constexpr int ACT = decltype(a)::value;
-      launch_fwd_epilogue<ACT, scalar_t>(acc, out, save_pre ? &pre : nullptr, p);
+      launch_fwd_epilogue<ACT, scalar_t>(acc, out, save_pre ? &pre : nullptr, param);
     });
   });
   return {out, pre};
@@ -383,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cuda(
         const int64_t numel = g.numel();
         gated_bwd<ACT, scalar_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(), numel,
-            g.size(1), static_cast<float>(param));
+            g.size(1), param);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -395,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "dense_bwd_cuda", [&] {
       dispatch_act(static_cast<int>(act), [&](auto a) {
         constexpr int ACT = decltype(a)::value;
-        launch_bwd_prologue<ACT, scalar_t>(g, s, gp, static_cast<float>(param));
+        launch_bwd_prologue<ACT, scalar_t>(g, s, gp, param);
       });
     });
   }
