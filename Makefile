@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnfast-installed
 
-.PHONY: test bench lint install clean check-cuda gpu-check demo
+.PHONY: test bench lint install clean check-cuda check-triton gpu-check demo
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 # nvcc -c of every .cu for sm_80 and sm_90 (no GPU needed); says so and passes where nvcc is absent
 check-cuda: $(STAMP)
 	$(PY) tools/check_cuda.py
+
+# Every Triton kernel variant the backend launches, compiled to sm_90/sm_80 cubins (no GPU needed):
+# fails on compile errors, shared memory over the block limit, or register-file overflow
+check-triton: $(STAMP)
+	$(PY) tools/check_triton.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -27,6 +27,7 @@ if os.environ.get("NNFAST_BUILD_EXT", "1") != "0":
             rel(build.cpu_sources() + build.cuda_sources()),
             extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
             extra_link_args=build.link_flags() + build.cublaslt_link_flags(),
+            include_dirs=build.cublaslt_include_dirs(),
         )
     else:
         ext = CppExtension(

@@ -29,7 +29,8 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# M_BUCKET (M rounded up to a power of two) is read by the autotuner's key only.
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def dense_fwd_kernel(
     x_ptr,  # (M, K), any strides
     w_ptr,  # (N, K), any strides
@@ -39,6 +40,7 @@ def dense_fwd_kernel(
     M,
     N,
     K,
+    M_BUCKET,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -97,7 +99,7 @@ def dense_fwd_kernel(
             tl.store(pre_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def dense_bwd_kernel(
     go_ptr,  # (M, N) grad of the output, any strides
     s_ptr,  # (M, R) saved output or pre-activation, contiguous; R = 2N [gate, up] when GATED
@@ -108,6 +110,7 @@ def dense_bwd_kernel(
     M,
     N,
     K,
+    M_BUCKET,
     stride_gom,
     stride_gon,
     stride_wn,

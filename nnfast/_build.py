@@ -90,9 +90,9 @@ def link_flags() -> list[str]:
     return ["-fopenmp"]
 
 
-def cublaslt_link_flags() -> list[str]:
-    """How to link cuBLASLt: the toolkit's libcublasLt.so, else the copy that ships in the nvidia
-    wheel CUDA builds of torch depend on (it has only versioned names, hence -l:<file>)."""
+def _nvidia_wheel_files(pattern: str) -> list[Path]:
+    """Files matching ``pattern`` inside the nvidia wheels that CUDA builds of torch depend on
+    (nvidia-cublas and friends; ``nvidia/cu13/...`` from CUDA 13 on), first wheel that has any."""
     import importlib.util
 
     for package in ("nvidia.cu13", "nvidia.cublas", "nvidia"):
@@ -103,7 +103,26 @@ def cublaslt_link_flags() -> list[str]:
         for root in (
             spec.submodule_search_locations if spec and spec.submodule_search_locations else []
         ):
-            libs = sorted(Path(root).glob("**/lib/libcublasLt.so*"))
-            if libs:
-                return [f"-L{libs[0].parent}", f"-l:{libs[0].name}", f"-Wl,-rpath,{libs[0].parent}"]
+            found = sorted(Path(root).glob(pattern))
+            if found:
+                return found
+    return []
+
+
+def cublaslt_link_flags() -> list[str]:
+    """How to link cuBLASLt: the toolkit's libcublasLt.so, else the copy that ships in the nvidia
+    wheel CUDA builds of torch depend on (it has only versioned names, hence -l:<file>)."""
+    libs = _nvidia_wheel_files("**/lib/libcublasLt.so*")
+    if libs:
+        return [f"-L{libs[0].parent}", f"-l:{libs[0].name}", f"-Wl,-rpath,{libs[0].parent}"]
     return ["-lcublasLt"]
+
+
+def cublaslt_include_dirs() -> list[str]:
+    """Where cublasLt.h is when the CUDA toolkit lacks it (a toolkit without the cuBLAS
+    development files next to a CUDA build of torch): the nvidia wheel's include/."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None and (Path(CUDA_HOME) / "include" / "cublasLt.h").exists():
+        return []
+    return [str(h.parent) for h in _nvidia_wheel_files("**/include/cublasLt.h")[:1]]

@@ -21,6 +21,8 @@ def test_bench_dense_writes_table_csv_and_plot(tmp_path, capsys):
             "fwd,bwd,fwd+bwd",
             "--activations",
             "relu",
+            "--dtypes",
+            "fp32",  # CUDA runs default to bf16
             "--min-run-time",
             "0.01",
             "--out-dir",

@@ -1,10 +1,12 @@
 // CUDA kernels for nnfast_ext::dense_fwd / dense_bwd.
 //
 // Forward: cuBLASLt with an epilogue where one matches PyTorch's semantics exactly — BIAS
-// (identity), RELU_BIAS (relu; backward reads the output), GELU_AUX_BIAS (gelu_tanh: cuBLASLt's
-// GELU is the tanh form, and the aux output is the pre-activation backward needs). Every other
-// activation: GEMM with bias (addmm, fp32 accumulate, one rounding) then a vectorized epilogue
-// kernel (16-byte accesses) built on activations.h.
+// (identity), GELU_AUX_BIAS (gelu_tanh: cuBLASLt's GELU is the tanh form, and the aux output is the
+// pre-activation backward needs). Not RELU_BIAS: whether it keeps NaN (torch.relu does) has not
+// been seen on a GPU. Every other activation, every float32 GEMM (addmm reads PyTorch's TF32
+// setting itself, through whichever API the user set it) and every shape cuBLASLt has no algorithm
+// for: GEMM with bias (addmm, fp32 accumulate, one rounding) then a vectorized epilogue kernel
+// (16-byte accesses) built on activations.h.
 // Backward: a vectorized prologue kernel grad_pre = grad_out * f'(saved), then grad_x = grad_pre @ W
 // and grad_w = grad_pre^T @ x with the bias gradient fused into that GEMM (cuBLASLt BGRADB).
 // DRELU_BGRAD / DGELU_BGRAD apply the derivative to the GEMM that *produces* grad_out, i.e. the
@@ -56,7 +58,9 @@ cudaDataType_t cuda_dtype(at::ScalarType t) {
   }
 }
 
-bool lt_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+// 16-bit only: float32 takes addmm, which honours torch's TF32 flags (reading them here raised on
+// recent torch once a user had set torch.backends.cuda.matmul.fp32_precision).
+bool lt_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -76,59 +80,68 @@ struct LtGemm {
   int64_t aux_ld = 0;
 };
 
-void run_lt(const LtGemm& g, at::ScalarType dtype, const at::Tensor& like) {
+// Descriptors released on every path, the throwing ones included.
+struct LtDescriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescriptors() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+// Runs the GEMM; false (nothing written) when cuBLASLt has no algorithm for it, so the caller
+// takes its addmm path instead.
+bool run_lt(const LtGemm& g, at::ScalarType dtype, const at::Tensor& like) {
   std::ostringstream what;
   what << "m=" << g.m << " n=" << g.n << " k=" << g.k << " epilogue=" << static_cast<int>(g.epilogue);
   const std::string w = what.str();
   const cudaDataType_t dt = cuda_dtype(dtype);
-  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
-    compute = CUBLAS_COMPUTE_32F_FAST_TF32;  // honours torch.backends.cuda.matmul.allow_tf32
-  }
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  NNFAST_LT_CHECK(cublasLtMatmulDescCreate(&op, compute, CUDA_R_32F), w);
+  LtDescriptors desc;
+  NNFAST_LT_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), w);
   const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), w);
-  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), w);
-  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue,
+  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), w);
+  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)), w);
+  NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue,
                                                  sizeof(g.epilogue)), w);
   if (g.bias != nullptr) {
-    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                    sizeof(g.bias)), w);
   }
   if (g.aux != nullptr) {
-    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
                                                    &g.aux, sizeof(g.aux)), w);
-    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+    NNFAST_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
                                                    &g.aux_ld, sizeof(g.aux_ld)), w);
   }
-  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&la, dt, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda), w);
-  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&lb, dt, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb), w);
-  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&ld, dt, g.m, g.n, g.ldd), w);
+  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.a, dt, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda), w);
+  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, dt, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb), w);
+  NNFAST_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, g.m, g.n, g.ldd), w);
 
   // Workspace from PyTorch's caching allocator (32 MiB: what cuBLASLt asks for on Hopper).
   const size_t ws_size = 32u << 20;
-  at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)}, like.options().dtype(at::kByte));
-  NNFAST_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), w);
-  NNFAST_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+  NNFAST_LT_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref), w);
+  NNFAST_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                        &ws_size, sizeof(ws_size)), w);
   cublasLtMatmulHeuristicResult_t heur = {};
   int found = 0;
-  NNFAST_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_handle(), op, la, lb, ld, ld, pref, 1, &heur,
-                                                 &found), w);
-  TORCH_CHECK(found > 0, "nnfast: cublasLtMatmulAlgoGetHeuristic found no algorithm (", w, ")");
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+      lt_handle(), desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1, &heur, &found);
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    return false;
+  }
+  NNFAST_LT_CHECK(status, w);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)}, like.options().dtype(at::kByte));
   const float alpha = 1.f, beta = 0.f;
-  NNFAST_LT_CHECK(cublasLtMatmul(lt_handle(), op, &alpha, g.a, la, g.b, lb, &beta, g.d, ld, g.d, ld,
-                                 &heur.algo, ws.data_ptr(), ws_size,
+  NNFAST_LT_CHECK(cublasLtMatmul(lt_handle(), desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d,
+                                 desc.d, g.d, desc.d, &heur.algo, ws.data_ptr(), ws_size,
                                  c10::cuda::getCurrentCUDAStream()), w);
-  cublasLtMatmulPreferenceDestroy(pref);
-  cublasLtMatrixLayoutDestroy(la);
-  cublasLtMatrixLayoutDestroy(lb);
-  cublasLtMatrixLayoutDestroy(ld);
-  cublasLtMatmulDescDestroy(op);
+  return true;
 }
 
 // cuBLASLt wants 16-byte aligned pointers and leading dimensions that are multiples of 8 elements
@@ -313,13 +326,12 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
   }
 
   // cuBLASLt epilogues (see the top of this file for which activations and why).
-  const bool lt_act = act == IDENTITY || act == RELU || act == GELU_TANH;
+  const bool lt_act = act == IDENTITY || act == GELU_TANH;
   if (lt_act && k > 0 && lt_dtype(x.scalar_type()) && lt_ok(x) && lt_ok(w) && n % 8 == 0 &&
       (!bias.has_value() || aligned16(bias->data_ptr()))) {
     const bool has_bias = bias.has_value();
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
     if (act == IDENTITY) epi = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-    if (act == RELU) epi = has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
     if (act == GELU_TANH) {
       epi = save_pre ? (has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
                      : (has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU);
@@ -332,8 +344,7 @@ std::tuple<at::Tensor, at::Tensor> dense_fwd_cuda(const at::Tensor& x_, const at
       g.aux = pre.data_ptr();
       g.aux_ld = n;
     }
-    run_lt(g, x.scalar_type(), x);
-    return {out, pre};
+    if (run_lt(g, x.scalar_type(), x)) return {out, pre};
   }
 
   // GEMM with bias (one rounding of the fp32 accumulator), then the epilogue kernel.
@@ -408,8 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bwd_cuda(
       LtGemm lt{false, true, k, n, m, x.data_ptr(), x.stride(0), gp.data_ptr(), gp.stride(0),
                 gw.data_ptr(), k, CUBLASLT_EPILOGUE_BGRADB};
       lt.bias = gb.data_ptr();
-      run_lt(lt, g.scalar_type(), g);
-      return {gx, gw, gb};
+      if (run_lt(lt, g.scalar_type(), g)) return {gx, gw, gb};
     }
     at::mm_out(gw, gp.t(), x);
   }

@@ -71,7 +71,12 @@ def select(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
         if reason is not None:
             raise RuntimeError(f"{source}{requested!r} cannot run these inputs: {reason}")
         return name
-    for name in _AUTO.get(device_type, ("reference",)):
+    order = _AUTO.get(device_type, ("reference",))
+    if device_type == "cuda" and dtype == torch.float32 and not get("triton").tf32_enabled():
+        # float32 without TF32: cuBLAS's SIMT GEMMs (the extension) rather than Triton's small
+        # ieee tiles, which exist so that backend="triton" works but are not tuned for speed
+        order = ("extension", "triton", "reference")
+    for name in order:
         if why_not(name, device_type, dtype) is None:
             return name
     return "reference"

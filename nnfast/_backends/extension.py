@@ -40,7 +40,10 @@ def jit_build(build_dir: Path | None = None, verbose: bool = False) -> None:
     kwargs = {}
     if _build.want_cuda() and _build.cuda_sources():
         sources += _build.cuda_sources()
-        kwargs = {"extra_cuda_cflags": _build.nvcc_flags()}
+        kwargs = {
+            "extra_cuda_cflags": _build.nvcc_flags(),
+            "extra_include_paths": _build.cublaslt_include_dirs(),
+        }
     cpp_extension.load(
         name="nnfast_C",
         sources=sources,

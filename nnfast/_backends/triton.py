@@ -53,9 +53,24 @@ def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def tf32_enabled() -> bool:
+    """Whether float32 matmuls may use TF32, as torch.mm decides it: the newer
+    ``fp32_precision`` settings when set (reading the legacy ``allow_tf32`` after them raises on
+    recent torch), else the legacy flag."""
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new is None:  # torch without the fp32_precision API
+        return bool(matmul.allow_tf32)
+    if new == "none":  # inherit the global setting
+        new = getattr(torch.backends, "fp32_precision", "none")
+    if new != "none":
+        return new == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
-    # float32 honours torch.backends.cuda.matmul.allow_tf32, as torch.mm does.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # float32 honours PyTorch's TF32 setting, as torch.mm does.
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 
@@ -88,62 +103,175 @@ def _autotune() -> bool:
     return not _interpreting() and os.environ.get("NNFAST_TRITON_AUTOTUNE", "1") != "0"
 
 
+# ---- tile configurations and the one launch point ----------------------------------------------
+#
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Forward: Triton tutorial 03's tiles plus small-M
+# tiles (M <= 64 is common in inference). Backward: BLOCK_N is the reduction (out_features), BLOCK_K
+# the grad_x columns. Every candidate is compiled before it is tried and dropped when it needs more
+# shared memory than the device has per block or spills registers (``_prune``), so a gated layer
+# never inherits a tile that only fits the plain one; tools/check_triton.py compiles them all for
+# sm_90 and sm_80 and shows which survive.
+TILES = {
+    # the first four span large to small M, for bounded tuning (NNFAST_TRITON_AUTOTUNE=4)
+    "fwd": (
+        (128, 256, 64, 3, 8),
+        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (32, 64, 64, 5, 2),
+        (16, 64, 128, 4, 4),
+    ),
+    "bwd": (
+        (128, 64, 128, 3, 8),
+        (64, 64, 128, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 64, 4, 4),
+        (128, 32, 128, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 32, 64, 4, 4),
+    ),
+}
+# float32 without TF32 (input_precision="ieee") is another kernel: FMA loops whose operands live
+# in registers. The big tensor-core tiles spilled 9-150 KB per thread there (and took 7-100 s to
+# compile), so it gets small tiles of its own. Automatic selection sends such float32 to the
+# extension (cuBLAS) on CUDA; these serve backend="triton".
+TILES_IEEE = {
+    "fwd": ((32, 32, 32, 3, 4), (64, 32, 32, 3, 4), (32, 64, 32, 3, 4), (16, 64, 32, 3, 4)),
+    "bwd": ((32, 32, 32, 3, 4), (64, 32, 32, 3, 4), (32, 32, 64, 3, 4), (16, 32, 32, 3, 4)),
+}
+# NNFAST_TRITON_AUTOTUNE=0 (and the interpreter): one tile that fits every variant.
+FIXED_TILE = (64, 64, 32, 3, 4)
+INTERPRETER_TILE = (32, 32, 32, 1, 4)
+# Autotuning keys: every constexpr that changes resource use, and M rounded up to a power of two,
+# so that a growing batch does not re-tune on every new size (dtypes are added by Triton).
+KEYS = {
+    "fwd": ["M_BUCKET", "N", "K", "ACT", "HAS_BIAS", "STORE_PRE", "GATED", "INPUT_PRECISION"],
+    "bwd": [
+        "M_BUCKET",
+        "N",
+        "K",
+        "ACT",
+        "COMPUTE_GX",
+        "STORE_GP",
+        "HAS_BIAS",
+        "GATED",
+        "INPUT_PRECISION",
+    ],
+}
+# Spills (bytes per thread) above which a tile is not used: a few hundred bytes of local memory
+# stay in L1; tens of KB made the fp32 kernels crawl.
+MAX_SPILL_BYTES = 256
+
+
+def tile_meta(tile: tuple) -> dict:
+    """A tile tuple as the kernels' meta-parameters and launch options."""
+    bm, bn, bk, stages, warps = tile
+    return {
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "GROUP_M": 8,
+        "num_stages": stages,
+        "num_warps": warps,
+    }
+
+
+def candidate_tiles(kind: str, precision: str) -> tuple:
+    """The tiles a launch of ``kind`` ("fwd"/"bwd") may use: autotuned over, or the fixed one."""
+    if _interpreting():
+        return (INTERPRETER_TILE,)
+    if not _autotune():
+        return (FIXED_TILE,)
+    tiles = (TILES_IEEE if precision == "ieee" else TILES)[kind]
+    limit = os.environ.get("NNFAST_TRITON_AUTOTUNE", "1")
+    # an integer above 1 bounds tuning to that many candidates, first listed first
+    return tiles[: int(limit)] if limit.isdigit() and int(limit) > 1 else tiles
+
+
+def m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def fits(shared_bytes: int, spill_bytes: int | None, max_shared: int) -> bool:
+    """Whether a compiled tile can run well: within the block's shared memory, not spilling."""
+    return shared_bytes <= max_shared and (spill_bytes or 0) <= MAX_SPILL_BYTES
+
+
+def _prune(kernel, configs, named_args, **kwargs):
+    """early_config_prune: compile each candidate (Triton caches it for the timing runs) and keep
+    those that fit this device."""
+    import triton
+
+    args = {k: v for k, v in {**named_args, **kwargs}.items() if k in kernel.arg_names}
+    device = next(v for v in args.values() if isinstance(v, Tensor)).device
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    keep = []
+    for config in configs:
+        compiled = kernel.warmup(**args, **config.all_kwargs(), grid=(1,))
+        try:
+            compiled._init_handles()  # loads the cubin: registers and spills become known
+            spills = compiled.n_spills
+        except Exception:  # a Triton without these attributes: judge by shared memory alone
+            spills = None
+        if fits(compiled.metadata.shared, spills, props["max_shared_mem"]):
+            keep.append(config)
+    # none fits: the fixed tile, which tools/check_triton.py checks fits every variant
+    return keep or [_config(FIXED_TILE)]
+
+
+def _config(tile: tuple):
+    import triton
+
+    meta = tile_meta(tile)
+    stages, warps = meta.pop("num_stages"), meta.pop("num_warps")
+    return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
 @functools.cache
-def _kernels():
-    """(forward, backward) launchers: autotuned on a GPU, one config under the interpreter (where
-    the autotuner would run every config at interpreter speed) or with autotuning off."""
+def _tuner(kind: str, precision: str):
     import triton
 
     k = _kernel_module()
-
-    if not _autotune():
-        one = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-        if not _interpreting():
-            one = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
-        fwd = functools.partial(_with_meta, k.dense_fwd_kernel, one)
-        bwd = functools.partial(_with_meta, k.dense_bwd_kernel, one)
-        return fwd, bwd, 32
-
-    def cfg(bm, bn, bk, stages, warps):
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-        return triton.Config(meta, num_stages=stages, num_warps=warps)
-
-    # The tile shapes of Triton tutorial 03 plus small-M tiles (M <= 64 is common in inference).
-    fwd_configs = [
-        cfg(128, 256, 64, 3, 8),
-        cfg(256, 128, 64, 3, 8),
-        cfg(128, 128, 64, 4, 8),
-        cfg(64, 256, 32, 4, 4),
-        cfg(128, 128, 32, 4, 4),
-        cfg(128, 64, 32, 4, 4),
-        cfg(64, 128, 32, 4, 4),
-        cfg(64, 64, 64, 4, 4),
-        cfg(32, 64, 64, 5, 2),
-        cfg(16, 128, 64, 4, 4),
-        cfg(16, 64, 128, 4, 4),
-    ]
-    # Backward tiles: BLOCK_N is the reduction (out_features), BLOCK_K the grad_x columns.
-    bwd_configs = [
-        cfg(128, 64, 128, 3, 8),
-        cfg(128, 32, 128, 4, 4),
-        cfg(64, 64, 128, 4, 4),
-        cfg(128, 64, 64, 4, 4),
-        cfg(64, 32, 64, 4, 4),
-        cfg(32, 64, 64, 4, 4),
-        cfg(16, 64, 64, 4, 4),
-    ]
-    fwd = triton.autotune(fwd_configs, key=["M", "N", "K", "STORE_PRE"])(k.dense_fwd_kernel)
-    # The bias partials live in a zeroed buffer sized for the smallest BLOCK_M: restore it after
-    # every timed config so that only the chosen config's sums remain.
-    bwd = triton.autotune(bwd_configs, key=["M", "N", "K", "COMPUTE_GX"], restore_value=["gb_ptr"])(
-        k.dense_bwd_kernel
-    )
-    min_bm = min(c.kwargs["BLOCK_M"] for c in bwd_configs)
-    return (lambda grid, **a: fwd[grid](**a)), (lambda grid, **a: bwd[grid](**a)), min_bm
+    kernel = k.dense_fwd_kernel if kind == "fwd" else k.dense_bwd_kernel
+    return triton.autotune(
+        [_config(t) for t in candidate_tiles(kind, precision)],
+        key=KEYS[kind],
+        # the bias partials accumulate into a zeroed buffer: restore it after each timed config
+        restore_value=["gb_ptr"] if kind == "bwd" else None,
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)},
+    )(kernel)
 
 
-def _with_meta(kernel, meta, grid, **args):
-    return kernel[grid](**args, **meta)
+def launch(kind: str, grid, args: dict) -> None:
+    """Every dense-kernel launch goes through here: the fixed tile, or autotuned over the
+    candidates that fit. tools/check_triton.py replaces it with a recorder to learn every variant
+    the backend launches."""
+    tiles = candidate_tiles(kind, args["INPUT_PRECISION"])
+    args = {**args, "M_BUCKET": m_bucket(args["M"])}
+    if len(tiles) == 1:
+        k = _kernel_module()
+        kernel = k.dense_fwd_kernel if kind == "fwd" else k.dense_bwd_kernel
+        kernel[grid](**args, **tile_meta(tiles[0]))
+    else:
+        _tuner(kind, args["INPUT_PRECISION"])[grid](**args)
+
+
+def launch_mlp(kind: str, grid, args: list, meta: dict) -> None:
+    """Every fused-MLP kernel launch goes through here (see ``launch``)."""
+    _kernel_module()  # makes nnfast.kernels importable from a source checkout
+    from nnfast.kernels import mlp as k
+
+    kernel = k.mlp_fused_fwd_kernel if kind == "mlp_fwd" else k.mlp_fused_bwd_kernel
+    kernel[grid](*args, **meta)
+
+
+def _min_block_m(kind: str, precision: str) -> int:
+    return min(t[0] for t in candidate_tiles(kind, precision))
 
 
 def forward(
@@ -163,28 +291,30 @@ def forward(
         if save:
             pre.copy_(z)
         return out, pre
-    fwd, _, _ = _kernels()
-    fwd(
+    launch(
+        "fwd",
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-        x_ptr=x,
-        w_ptr=weight,
-        b_ptr=bias if bias is not None else out,
-        out_ptr=out,
-        pre_ptr=pre if save else out,
-        M=m,
-        N=n,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_wn=weight.stride(0),
-        stride_wk=weight.stride(1),
-        stride_b=bias.stride(0) if bias is not None else 0,
-        param=act.param,
-        ACT=act.base.act.code,
-        HAS_BIAS=bias is not None,
-        STORE_PRE=save,
-        GATED=act.is_gated,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        dict(
+            x_ptr=x,
+            w_ptr=weight,
+            b_ptr=bias if bias is not None else out,
+            out_ptr=out,
+            pre_ptr=pre if save else out,
+            M=m,
+            N=n,
+            K=k,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            stride_b=bias.stride(0) if bias is not None else 0,
+            param=act.param,
+            ACT=act.base.act.code,
+            HAS_BIAS=bias is not None,
+            STORE_PRE=save,
+            GATED=act.is_gated,
+            INPUT_PRECISION=_input_precision(x.dtype),
+        ),
     )
     return out, pre
 
@@ -207,7 +337,8 @@ def backward(
         grad_x = gp @ weight if need_x else None
         grad_b = gp.sum(0) if need_b else None
     else:
-        _, bwd, min_bm = _kernels()
+        precision = _input_precision(grad_out.dtype)
+        min_bm = _min_block_m("bwd", precision)
         rows = 2 * n if act.is_gated else n  # weight rows: gate and up rows for gated layers
         grad_x = grad_out.new_empty(m, k) if need_x else None
         gp = grad_out.new_empty(m, rows) if need_w else None
@@ -217,31 +348,34 @@ def backward(
             else None
         )
         placeholder = grad_out
-        bwd(
+        launch(
+            "bwd",
             lambda meta: (
                 triton.cdiv(m, meta["BLOCK_M"])
                 * (triton.cdiv(k, meta["BLOCK_K"]) if need_x else 1),
             ),
-            go_ptr=grad_out,
-            s_ptr=saved,
-            w_ptr=weight if need_x else placeholder,
-            gx_ptr=grad_x if need_x else placeholder,
-            gp_ptr=gp if need_w else placeholder,
-            gb_ptr=partial if need_b else placeholder,
-            M=m,
-            N=n,
-            K=k,
-            stride_gom=grad_out.stride(0),
-            stride_gon=grad_out.stride(1),
-            stride_wn=weight.stride(0) if need_x else 0,
-            stride_wk=weight.stride(1) if need_x else 0,
-            param=act.param,
-            ACT=act.base.act.code,
-            COMPUTE_GX=need_x,
-            STORE_GP=need_w,
-            HAS_BIAS=need_b,
-            GATED=act.is_gated,
-            INPUT_PRECISION=_input_precision(grad_out.dtype),
+            dict(
+                go_ptr=grad_out,
+                s_ptr=saved,
+                w_ptr=weight if need_x else placeholder,
+                gx_ptr=grad_x if need_x else placeholder,
+                gp_ptr=gp if need_w else placeholder,
+                gb_ptr=partial if need_b else placeholder,
+                M=m,
+                N=n,
+                K=k,
+                stride_gom=grad_out.stride(0),
+                stride_gon=grad_out.stride(1),
+                stride_wn=weight.stride(0) if need_x else 0,
+                stride_wk=weight.stride(1) if need_x else 0,
+                param=act.param,
+                ACT=act.base.act.code,
+                COMPUTE_GX=need_x,
+                STORE_GP=need_w,
+                HAS_BIAS=need_b,
+                GATED=act.is_gated,
+                INPUT_PRECISION=precision,
+            ),
         )
         grad_b = partial.sum(0).to(grad_out.dtype) if need_b else None
     # grad_w = grad_pre^T @ x through cuBLAS: a reduction over M (the long batch dimension), where
@@ -281,6 +415,9 @@ def fused_mlp_supported(
         and 3 <= len(widths) <= 10  # 2 to 9 layers: up to 8 hidden layers' saved pointers
         and max(widths) <= MAX_FUSED_WIDTH
         and dtype in _DTYPES
+        # float32 without TF32: the whole-MLP tiles spill registers (9-150 KB per thread at
+        # widths 64-128), so such MLPs run layer by layer with the small ieee tiles instead
+        and (_interpreting() or _input_precision(dtype) != "ieee")
     )
 
 
@@ -288,6 +425,16 @@ def _fused_block_m(p: int) -> int:
     if _interpreting():
         return 32
     return 128 if p <= 64 else 64  # 128x128 fp32 tiles at P=128 would spill registers
+
+
+def _mlp_programs(blocks: int, layers: int, p: int, device: torch.device) -> int:
+    """Programs of the persistent MLP backward: enough to fill the GPU (4 per SM), no more than
+    row blocks, and few enough that their float32 gradient slots stay under 64 MiB."""
+    if device.type != "cuda":  # the interpreter (or tools/check_triton.py's recording)
+        return max(1, min(blocks, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    cap = max(1, (64 << 20) // (layers * p * p * 4))
+    return max(1, min(blocks, 4 * sms, cap))
 
 
 def _pack(weights: list[Tensor], biases: list[Tensor | None], p: int):
@@ -323,10 +470,7 @@ def mlp_forward(
         return out, saved
     w_all, b_all = _pack(weights, biases, p)
     block = _fused_block_m(p)
-    _kernel_module()  # makes nnfast.kernels importable from a source checkout
-    from nnfast.kernels import mlp as k
-
-    k.mlp_fused_fwd_kernel[(triton.cdiv(m, block),)](
+    args = [
         x,
         w_all,
         b_all,
@@ -338,6 +482,8 @@ def mlp_forward(
         x.stride(0),
         x.stride(1),
         act.param,
+    ]
+    meta = dict(
         L=layers,
         P=p,
         ACT=act.act.code,
@@ -347,6 +493,7 @@ def mlp_forward(
         INPUT_PRECISION=_input_precision(x.dtype),
         BLOCK_M=block,
     )
+    launch_mlp("mlp_fwd", (triton.cdiv(m, block),), args, meta)
     return out, saved
 
 
@@ -364,15 +511,15 @@ def mlp_backward(
 
     m, layers = x.shape[0], len(weights)
     p = _padded(max([x.shape[1]] + [w.shape[0] for w in weights]))
-    gw_all = torch.zeros(layers, p, p, device=x.device, dtype=torch.float32)
-    gb_all = torch.zeros(layers, p, device=x.device, dtype=torch.float32)
+    block = _fused_block_m(p)
+    programs = _mlp_programs(triton.cdiv(m, block), layers, p, x.device)
+    # one float32 slot per program (deterministic sums, see kernels/mlp.py)
+    gw_all = torch.zeros(programs, layers, p, p, device=x.device, dtype=torch.float32)
+    gb_all = torch.zeros(programs, layers, p, device=x.device, dtype=torch.float32)
     grad_x = x.new_empty(x.shape) if needs_x else None
     if m > 0:
         w_all, _ = _pack(weights, [None] * layers, p)
-        block = _fused_block_m(p)
-        from nnfast.kernels import mlp as k
-
-        k.mlp_fused_bwd_kernel[(triton.cdiv(m, block),)](
+        args = [
             grad_out,
             x,
             w_all,
@@ -388,6 +535,8 @@ def mlp_backward(
             x.stride(0),
             x.stride(1),
             act.param,
+        ]
+        meta = dict(
             L=layers,
             P=p,
             ACT=act.act.code,
@@ -396,9 +545,14 @@ def mlp_backward(
             NEED_X=needs_x,
             INPUT_PRECISION=_input_precision(x.dtype),
             BLOCK_M=block,
+            # no software pipelining of the persistent row-block loop: with the default 3 stages
+            # every layer's loads were multi-buffered, up to 2.5 MB of shared memory at P=128
+            num_stages=1,
         )
+        launch_mlp("mlp_bwd", (programs,), args, meta)
     elif needs_x:
         grad_x.zero_()
+    gw_all, gb_all = gw_all.sum(0), gb_all.sum(0)
 
     # contiguous copies: custom op outputs may not be views of one buffer
     def unpad(t: Tensor) -> Tensor:
