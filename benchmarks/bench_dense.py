@@ -36,7 +36,20 @@ CPU_SHAPES = [
     "16x1024x4096",
     "512x2048x5632",
 ]
-CPU_QUICK = ["1024x256x1024", "8192x64x64"]
+# small batches (decode steps, per-sample calls), where call overhead decides; ":act" overrides the
+# activation list for that shape (gated layers: N is the output width, the weight has 2N rows)
+SMALL_SHAPES = [
+    "1x64x64",
+    "8x64x64",
+    "64x64x64",
+    "1x1024x1024",
+    "8x1024x1024",
+    "64x1024x1024",
+    "1x1024x1024:swiglu",
+    "64x1024x1024:swiglu",
+]
+CPU_SHAPES += SMALL_SHAPES
+CPU_QUICK = ["1024x256x1024", "8192x64x64", "1x64x64", "8x1024x1024:swiglu"]
 GPU_SHAPES = [
     "1x4096x4096",
     "16x4096x4095",
@@ -46,7 +59,8 @@ GPU_SHAPES = [
     "16384x4096x14336",
     "65536x64x64",
 ]
-GPU_QUICK = ["256x1024x1024", "4096x4096x4096"]
+GPU_SHAPES += SMALL_SHAPES
+GPU_QUICK = ["256x1024x1024", "4096x4096x4096", "1x1024x1024"]
 
 # oneDNN's fused linear post-ops, by nnfast activation name: (attr, scalars, algorithm)
 ONEDNN = {
@@ -68,6 +82,8 @@ def providers(device: str, activation: str, dtype: torch.dtype) -> dict[str, tup
         return act(F.linear(x, w, b))
 
     out: dict[str, tuple[Callable, bool]] = {}
+    # the automatic choice (the measuring dispatcher), as users call it
+    out["nnfast-auto"] = (lambda x, w, b: nnfast.dense(x, w, b, act), True)
     for name in _backends.NAMES:
         if _backends.why_not(name, device, dtype) is None:
             out[f"nnfast-{name}"] = (
@@ -134,10 +150,10 @@ def main(argv=None) -> list[harness.Row]:
         argv, __doc__, "bench_dense", "shapes", "comma-separated MxKxN", grids, "gelu"
     )
     jobs = [
-        (s, d, a, m)
+        (s.split(":")[0], d, a, m)
         for s in opt.grid
         for d in opt.dtypes
-        for a in opt.activations
+        for a in (s.split(":")[1:] or opt.activations)
         for m in opt.modes
     ]
     rows: list[harness.Row] = []
@@ -146,10 +162,12 @@ def main(argv=None) -> list[harness.Row]:
         m, k, n = (int(v) for v in shape.split("x"))
         dtype = harness.DTYPES[dname]
 
-        def make(m=m, k=k, n=n, dtype=dtype):
+        rows_w = 2 * n if resolve(activation).is_gated else n
+
+        def make(m=m, k=k, n=n, dtype=dtype, rows_w=rows_w):
             x = torch.randn(m, k, device=opt.device, dtype=dtype, requires_grad=True)
-            w = (torch.randn(n, k, device=opt.device) / k**0.5).to(dtype).requires_grad_()
-            b = torch.randn(n, device=opt.device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(rows_w, k, device=opt.device) / k**0.5).to(dtype).requires_grad_()
+            b = torch.randn(rows_w, device=opt.device, dtype=dtype, requires_grad=True)
             g = torch.randn(m, n, device=opt.device, dtype=dtype)
             return x, w, b, g
 
@@ -178,7 +196,28 @@ def main(argv=None) -> list[harness.Row]:
             )
     alts = ["eager", "compile", "compile-max-autotune", "onednn", "addmm_activation"]
     harness.report(rows, opt, "nnfast dense: throughput", alts)
+    print(worst_auto_line(rows))
     return rows
+
+
+def worst_auto_line(rows: list[harness.Row]) -> str:
+    """The largest time ratio of the automatic choice to eager over the whole grid."""
+    by = {}
+    for r in rows:
+        by.setdefault((r.mode, r.shape, r.dtype, r.activation), {})[r.provider] = r
+    ratios = [
+        (g["nnfast-auto"].median_ms / g["eager"].median_ms, key, g)
+        for key, g in by.items()
+        if "nnfast-auto" in g and "eager" in g
+    ]
+    if not ratios:
+        return "worst nnfast-auto / eager: no rows"
+    ratio, (mode, shape, dtype, act), g = max(ratios, key=lambda r: r[0])
+    spread = (g["nnfast-auto"].spread_ms + g["eager"].spread_ms) / g["eager"].median_ms
+    return (
+        f"worst nnfast-auto / eager over {len(ratios)} rows: {ratio:.3f}x at {mode} {shape} {dtype}"
+        f" {act} (the two rows' spread: ±{spread:.3f}x of eager)"
+    )
 
 
 if __name__ == "__main__":

@@ -87,26 +87,29 @@ def _(grad_out, x, weight, saved, activation, param, needs_x, needs_w, needs_b, 
     )
 
 
+def _kept(spec: ActivationSpec, out: Tensor, pre: Tensor, save_pre: bool) -> Tensor:
+    """What a layer keeps for backward: nothing (identity), its output, or its pre-activation."""
+    if spec.is_identity:
+        return out.new_empty(0)
+    if spec.from_output:
+        return out
+    if save_pre:
+        return pre
+    raise RuntimeError(
+        f"nnfast::dense_fwd was called with save_pre=False for {spec.name!r} while gradients"
+        " are required; call nnfast.dense(), which sets it"
+    )
+
+
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     x, weight, bias, activation, param, save_pre, backend = inputs
     out, pre = output
-    spec = _spec(activation, param)
     # The second output (pre) is internal: without this, autograd fills an (M, N) zero gradient
     # for it on every backward.
     ctx.set_materialize_grads(False)
     ctx.activation, ctx.param, ctx.backend = activation, param, backend
     ctx.has_bias = bias is not None
-    if spec.is_identity:
-        saved = out.new_empty(0)
-    elif spec.from_output:
-        saved = out
-    elif save_pre:
-        saved = pre
-    else:
-        raise RuntimeError(
-            f"nnfast::dense_fwd was called with save_pre=False for {activation!r} while gradients"
-            " are required; call nnfast.dense(), which sets it"
-        )
+    saved = _kept(_spec(activation, param), out, pre, save_pre)
     # Keep only what the asked-for gradients read: x for grad_w, weight for grad_x.
     needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ctx.save_for_backward(
@@ -150,6 +153,47 @@ def _backward(ctx: Any, grad_out: Tensor | None, grad_pre_unused: Tensor | None)
 
 
 dense_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- eager twin of dense_fwd/dense_bwd: the same backend calls without the op machinery ----------
+#
+# torch.library's Python custom ops cost ~20-40 us a call on the CPU (schema parsing, the
+# autograd wrapper, output structure checks); a layer at 1x64->64 takes ~7 us. In plain eager
+# mode (not compiling, no torch.func transform, no dispatch mode) nnfast.dense calls the backend
+# through this autograd.Function instead; torch.compile, export, opcheck and dispatch modes see
+# the custom ops above.
+
+
+class EagerDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: ActivationSpec, forward_fn, backward_fn):
+        out, pre = forward_fn(x, weight, bias, spec, spec.saves_pre)
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.spec, ctx.backward_fn, ctx.has_bias = spec, backward_fn, bias is not None
+        ctx.save_for_backward(
+            x if needs_w else None, weight if needs_x else None, _kept(spec, out, pre, True)
+        )
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, saved = ctx.saved_tensors
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs = (needs_x, needs_w, ctx.has_bias and ctx.needs_input_grad[2])
+        if x is None:
+            x = grad_out.new_empty(0, 0)
+        if weight is None:
+            weight = grad_out.new_empty(0, 0)
+        gx, gw, gb = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
+        return (
+            gx if needs[0] else None,
+            gw if needs[1] else None,
+            gb if needs[2] else None,
+            None,
+            None,
+            None,
+        )
 
 
 # ---- the whole MLP as one op: one saved tensor per hidden layer, or none with recompute ----------

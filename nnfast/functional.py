@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from nnfast import _backends, _ops
+from nnfast._backends import chooser
 from nnfast.activations import ActivationSpec, resolve
 
 
@@ -23,7 +25,26 @@ def _check_tensor(fn: str, name: str, t: Any) -> None:
         )
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> None:
+    # The common valid call in a few comparisons; anything else gets the full checks below.
+    if (
+        type(x) is Tensor
+        and type(weight) is Tensor
+        and (bias is None or type(bias) is Tensor)
+        and x.dtype in _FLOATS
+        and weight.dtype is x.dtype
+        and weight.dim() == 2
+        and x.dim() > 0
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or (bias.dtype is x.dtype and bias.shape == weight.shape[:1]))
+        and (not act.is_gated or weight.shape[0] % 2 == 0)
+        and weight.device == x.device
+        and (bias is None or bias.device == x.device)
+    ):
+        return
     _check_tensor("dense", "x", x)
     _check_tensor("dense", "weight", weight)
     if bias is not None:
@@ -70,8 +91,8 @@ def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: Activ
 
 def _autocast_all(x: Tensor, *params: Tensor | None) -> list:
     """Cast like nn.Linear under torch.autocast: every operand to the autocast dtype."""
-    if not isinstance(x, Tensor):
-        return [x, *params]  # reported by the argument checks
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, Tensor):
+        return [x, *params]  # (a non-tensor x is reported by the argument checks)
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return [x, *params]
@@ -100,6 +121,56 @@ def _composite(*tensors: Tensor | None) -> bool:
     return False
 
 
+def _plain_eager() -> bool:
+    """Not compiling and no dispatch or function mode (FakeTensor, export, FlopCounter, a device
+    context, ...): nnfast.dense may call its backend directly instead of through the custom op."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+_PATH_FNS: dict[str, tuple] = {}
+
+
+def _path_fns(path: str) -> tuple:
+    """(forward, backward) of a dispatcher path; ``extension`` is nnfast._C's own kernels."""
+    fns = _PATH_FNS.get(path)
+    if fns is None:
+        be = _backends.get("extension" if path == "onednn" else path)
+        if path == "onednn":
+            fns = (be.forward_onednn, None)
+        elif path == "extension":
+            fns = (be.forward_native, be.backward)
+        else:
+            fns = (be.forward, be.backward)
+        _PATH_FNS[path] = fns
+    return fns
+
+
+def _run(
+    path: str, x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, training: bool
+):
+    """One dense layer through ``path`` in eager mode: x (M, K) -> (M, N)."""
+    if path == chooser.UNFUSED:
+        return chooser.unfused(x, weight, bias, act)
+    forward_fn, backward_fn = _path_fns(path)
+    if not training:
+        return forward_fn(x, weight, bias, act, False)[0]
+    return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn)
+
+
+def _explicit(backend: str | None) -> bool:
+    return backend is not None or bool(os.environ.get(_backends.ENV_VAR))
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(key: tuple) -> str:
+    # under torch.compile: the decision measured in eager mode, if any, as a trace-time constant
+    return chooser.cached(key) or ""
+
+
 def dense(
     x: Tensor,
     weight: Tensor,
@@ -124,20 +195,37 @@ def dense(
     Returns:
         ``(..., out_features)`` in x's dtype (``out_features = weight.shape[0] // 2`` if gated).
     """
-    act = resolve(activation)
+    act = activation if type(activation) is ActivationSpec else resolve(activation)
     x, weight, bias = _autocast_all(x, weight, bias)
     _check_dense_args(x, weight, bias, act)
-    name = _backends.select(backend, x.device.type, x.dtype)
     if x.shape[-1] == 0 or _composite(x, weight, bias):
-        return act(torch.nn.functional.linear(x, weight, bias))
+        return chooser.unfused(x, weight, bias, act)
     flat = x.dim() == 2  # no reshape: the output is not a view (FSDP2 warns about views)
     x2 = x if flat else x.reshape(-1, x.shape[-1])  # copies only when dims cannot be flattened
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out, _ = _ops.dense_fwd(
-        x2, weight, bias, act.name, act.param, needs_grad and act.saves_pre, name
-    )
+    if _plain_eager():
+        if _explicit(backend) or not chooser.measuring():
+            path = _backends.select(backend, x.device.type, x.dtype)
+            forward_fn, backward_fn = _backends.get(path).forward, _backends.get(path).backward
+            if needs_grad:
+                out = _ops.EagerDense.apply(x2, weight, bias, act, forward_fn, backward_fn)
+            else:
+                out = forward_fn(x2, weight, bias, act, False)[0]
+        else:
+            path = chooser.choose(x2, weight, bias, act, needs_grad, _run)
+            out = _run(path, x2, weight, bias, act, needs_grad)
+    else:
+        name = _backends.select(backend, x.device.type, x.dtype)
+        if not _explicit(backend) and all(isinstance(d, int) for d in x2.shape):
+            choice = _traced_choice(chooser.key_of(x2, weight, bias, act, needs_grad))
+            if choice == chooser.UNFUSED:
+                return chooser.unfused(x, weight, bias, act)
+            name = {"onednn": "extension", "": name}.get(choice, choice)
+        out, _ = _ops.dense_fwd(
+            x2, weight, bias, act.name, act.param, needs_grad and act.saves_pre, name
+        )
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])
 
 

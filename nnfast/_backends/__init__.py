@@ -35,11 +35,17 @@ def fused_mlp_enabled() -> bool:
     return os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
 
 
+_MODULES: dict[str, ModuleType] = {}
+
+
 def get(name: str) -> ModuleType:
     """The backend module called ``name`` (imported on first use: triton is slow to import)."""
-    if name not in NAMES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)}")
-    return importlib.import_module(f"nnfast._backends.{name}")
+    module = _MODULES.get(name)
+    if module is None:
+        if name not in NAMES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)}")
+        module = _MODULES[name] = importlib.import_module(f"nnfast._backends.{name}")
+    return module
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,253 @@
+"""Which path runs a dense layer: measured once per key, then a dictionary lookup.
+
+Paths: ``triton`` (CUDA), ``extension`` (nnfast._C's GEMM + epilogue kernels), ``onednn`` (CPU
+inference: oneDNN's inner product with the activation as a post-op) and ``unfused`` (plain
+``F.linear`` + the activation: PyTorch itself, so nnfast is never slower than it by more than the
+lookup). On the first call for a key (device, dtype, activation and its parameter, training or
+inference, bias or not, M rounded up to a power of two, N, K) every path that can run it is
+timed on that call's own tensors, interleaved, medians; the fastest is kept.
+
+Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`` (or
+``set_dispatch("fixed")``) turns measuring off: the fixed order of ``nnfast._backends.select``.
+``NNFAST_DISPATCH_LOG=1`` prints each decision as it is made; ``decisions()`` returns them all;
+``NNFAST_DISPATCH_CACHE=1`` keeps them on disk under the cache directory, per device and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nnfast.activations import ActivationSpec
+
+UNFUSED = "unfused"
+_mode: str = os.environ.get("NNFAST_DISPATCH", "measure").strip().lower()  # read once
+_decisions: dict[tuple, Decision] = {}
+_disk_loaded: set[str] = set()
+# Per candidate and key: time at least this long in total, at most this many rounds.
+_BUDGET_S = 0.03
+_MAX_ROUNDS = 60
+
+
+@dataclass
+class Decision:
+    key: tuple
+    choice: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        device, dtype, act, param, training, bias, m, n, k = self.key
+        dtype = str(dtype).replace("torch.", "")
+        mode = "train" if training else "infer"
+        times = ", ".join(
+            f"{p} {t:.4f} ms" for p, t in sorted(self.times_ms.items(), key=lambda i: i[1])
+        )
+        name = act if act != "leaky_relu" else f"leaky_relu({param})"
+        return (
+            f"{device} {dtype} {name} {mode} M<={m} N={n} K={k}{' bias' if bias else ''}:"
+            f" {self.choice} ({times})"
+        )
+
+
+def set_dispatch(mode: str) -> None:
+    """ "measure" (the default) or "fixed" (the fixed backend order; reproducible runs)."""
+    global _mode
+    if mode not in ("measure", "fixed"):
+        raise ValueError(f"set_dispatch(): mode must be 'measure' or 'fixed', got {mode!r}")
+    _mode = mode
+
+
+def measuring() -> bool:
+    if _mode not in ("measure", "fixed"):
+        raise ValueError(f"NNFAST_DISPATCH={_mode!r}: expected 'measure' or 'fixed'")
+    return _mode == "measure"
+
+
+def decisions() -> list[Decision]:
+    """Every decision made in this process (and loaded from disk), in the order made."""
+    return list(_decisions.values())
+
+
+def report() -> str:
+    """The decisions as lines of text: key, choice, and every path's measured time."""
+    return "\n".join(d.describe() for d in _decisions.values()) or "(no decisions yet)"
+
+
+def clear() -> None:
+    _decisions.clear()
+
+
+def m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def key_of(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, training: bool):
+    m, k = x.shape
+    return (
+        x.device,
+        x.dtype,
+        act.act.name,
+        act.param,
+        training,
+        bias is not None,
+        1 << max(0, (m - 1).bit_length()),  # M rounded up to a power of two
+        weight.shape[0],
+        k,
+    )
+
+
+def candidates(x: Tensor, act: ActivationSpec, training: bool) -> list[str]:
+    """The paths that can run a call like this one."""
+    from nnfast._backends import extension, why_not
+
+    names = [n for n in ("triton", "extension") if why_not(n, x.device.type, x.dtype) is None]
+    if (
+        x.device.type == "cpu"
+        and "extension" in names
+        and extension.onednn_supported(x, act, training)
+    ):
+        names.append("onednn")
+    return [*names, UNFUSED]
+
+
+def _sync(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def _timed(run, x: Tensor) -> float:
+    _sync(x)
+    start = time.perf_counter()
+    run()
+    _sync(x)
+    return time.perf_counter() - start
+
+
+def measure(
+    key: tuple,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: ActivationSpec,
+    training: bool,
+    run_path,
+) -> Decision:
+    """Times every candidate on this call's tensors (interleaved rounds, medians)."""
+    paths = candidates(x, act, training)
+    inputs = [t.detach() if t is not None else None for t in (x, weight, bias)]
+    grad = None
+
+    def call(path):
+        if not training:
+            with torch.no_grad():
+                return run_path(path, *inputs, act, False)
+        leaves = [
+            t.requires_grad_() if t is not None else None
+            for t in (i.clone() if i is not None else None for i in inputs)
+        ]
+        out = run_path(path, *leaves, act, True)
+        nonlocal grad
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+        return out
+
+    samples: dict[str, list[float]] = {p: [] for p in paths}
+    # Identity saved-tensor hooks: the trial runs must not reach an enclosing checkpoint's hooks
+    # (its recomputation, which finds the decision made, would then save fewer tensors).
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for p in paths:  # warm-up: first-use builds, autotuning, allocator
+            call(p)
+        deadline = time.perf_counter() + _BUDGET_S * len(paths)
+        for r in range(_MAX_ROUNDS):
+            for p in paths:
+                samples[p].append(_timed(lambda p=p: call(p), x))
+            if r >= 2 and time.perf_counter() > deadline:
+                break
+    times = {p: statistics.median(s) * 1e3 for p, s in samples.items()}
+    return Decision(key, min(times, key=times.get), times)
+
+
+def choose(
+    x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, training: bool, run_path
+) -> str:
+    """The path for an automatic call (no explicit backend): measured once per key."""
+    key = key_of(x, weight, bias, act, training)
+    decision = _decisions.get(key)
+    if decision is None:
+        _load_disk(x)
+        decision = _decisions.get(key)
+    if decision is None:
+        decision = measure(key, x, weight, bias, act, training, run_path)
+        _decisions[key] = decision
+        if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
+            print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
+        _save_disk(x)
+    return decision.choice
+
+
+def cached(key: tuple) -> str | None:
+    d = _decisions.get(key)
+    return d.choice if d is not None else None
+
+
+# ---- optional disk cache -------------------------------------------------------------------------
+
+
+def _disk_path(x: Tensor) -> Path | None:
+    if os.environ.get("NNFAST_DISPATCH_CACHE", "0") != "1":
+        return None
+    from nnfast import __version__
+    from nnfast._backends.extension import cache_dir
+
+    if x.device.type == "cuda":
+        device = torch.cuda.get_device_name(x.device)
+    else:
+        import platform
+
+        device = platform.processor() or platform.machine()
+        device += f"-{torch.get_num_threads()}threads"
+    name = f"dispatch-{device}-torch{torch.__version__}-nnfast{__version__}.json"
+    return cache_dir().parent / name.replace(" ", "_").replace("/", "_")
+
+
+def _load_disk(x: Tensor) -> None:
+    path = _disk_path(x)
+    if path is None or str(path) in _disk_loaded:
+        return
+    _disk_loaded.add(str(path))
+    if path.exists():
+        for row in json.loads(path.read_text()):
+            device, dtype, *rest = row["key"]
+            key = (torch.device(device), getattr(torch, dtype), *rest)
+            _decisions.setdefault(key, Decision(key, row["choice"], row["times_ms"]))
+
+
+def _save_disk(x: Tensor) -> None:
+    path = _disk_path(x)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "key": [str(d.key[0]), str(d.key[1])[6:], *d.key[2:]],
+            "choice": d.choice,
+            "times_ms": d.times_ms,
+        }
+        for d in _decisions.values()
+    ]
+    path.write_text(json.dumps(rows))
+
+
+def unfused(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> Tensor:
+    """PyTorch itself: F.linear, then the activation."""
+    return act(F.linear(x, weight, bias))

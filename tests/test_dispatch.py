@@ -1,0 +1,145 @@
+"""The measuring dispatcher: what it chooses, what its keys separate, and the settings around it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import nnfast
+from nnfast import functional
+from nnfast._backends import chooser
+from nnfast.activations import resolve
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv("NNFAST_BACKEND", raising=False)
+    monkeypatch.setattr(chooser, "_mode", "measure")
+    saved = dict(chooser._decisions)
+    chooser.clear()
+    yield
+    chooser.clear()
+    chooser._decisions.update(saved)
+
+
+def _slow(path_name: str, seconds: float = 0.003):
+    """functional._run with one path made slow (a fake slow candidate)."""
+
+    def run(path, *args):
+        if path == path_name:
+            # busy, not sleeping: after a sleep the thread pools of the next candidate wake up
+            # slowly (8 ms here), which would make that one look slow instead
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return functional._run(path, *args)
+
+    return run
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_slow_candidate_is_not_chosen(training):
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    act = resolve("gelu")
+    paths = chooser.candidates(x, act, training)
+    assert chooser.UNFUSED in paths and len(paths) >= 2
+    for slow in paths:
+        chooser.clear()
+        choice = chooser.choose(x, w, b, act, training, _slow(slow))
+        assert choice != slow
+        (d,) = chooser.decisions()
+        assert set(d.times_ms) == set(paths) and d.times_ms[slow] >= 3.0
+
+
+def test_keys_separate_what_they_must():
+    act, x, w = resolve("gelu"), torch.randn(5, 16), torch.randn(8, 16)
+    key = chooser.key_of(x, w, None, act, False)
+    assert chooser.key_of(torch.randn(7, 16), w, None, act, False) == key  # same M bucket (8)
+    different = [
+        chooser.key_of(torch.randn(9, 16), w, None, act, False),  # M bucket 16
+        chooser.key_of(x, w, torch.randn(8), act, False),  # bias
+        chooser.key_of(x, w, None, act, True),  # training
+        chooser.key_of(x, w, None, resolve("relu"), False),  # activation
+        chooser.key_of(x, w, None, resolve(torch.nn.LeakyReLU(0.3)), False),
+        chooser.key_of(x, w, None, resolve(torch.nn.LeakyReLU(0.2)), False),  # its parameter
+        chooser.key_of(x.double(), w.double(), None, act, False),  # dtype
+        chooser.key_of(x, torch.randn(9, 16), None, act, False),  # N
+        chooser.key_of(torch.randn(5, 17), torch.randn(8, 17), None, act, False),  # K
+        chooser.key_of(x, torch.randn(16, 16), None, resolve("swiglu"), False),  # gated
+    ]
+    assert len({key, *different}) == len(different) + 1
+
+
+def test_dense_measures_once_per_key_and_reports(capsys, monkeypatch):
+    monkeypatch.setenv("NNFAST_DISPATCH_LOG", "1")
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    for m in (3, 4, 3):  # one bucket
+        out = nnfast.dense(torch.randn(m, 16), w, b, "silu")
+        assert out.shape == (m, 8)
+    assert len(chooser.decisions()) == 1
+    torch.testing.assert_close(nnfast.dense(x, w, b, "silu"), torch.nn.functional.silu(x @ w.T + b))
+    line = nnfast.dispatch_report()
+    assert "silu infer M<=4 N=8 K=16 bias" in line and "unfused" in line and "ms" in line
+    assert "nnfast dispatch:" in capsys.readouterr().err
+    # training is its own key, and the chosen path's gradients are right
+    xg = x.clone().requires_grad_()
+    nnfast.dense(xg, w, b, "silu").sum().backward()
+    ref = x.clone().requires_grad_()
+    torch.nn.functional.silu(ref @ w.T + b).sum().backward()
+    torch.testing.assert_close(xg.grad, ref.grad)
+    assert len(chooser.decisions()) == 2
+
+
+def test_fixed_mode_and_explicit_backend_do_not_measure(monkeypatch):
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    nnfast.set_dispatch("fixed")
+    try:
+        calls = []
+        monkeypatch.setattr(chooser, "measure", lambda *a: calls.append(a))
+        out = nnfast.dense(x, w, None, "gelu")
+        assert calls == [] and chooser.decisions() == []
+        fixed = nnfast._backends.select(None, "cpu", torch.float32)
+        torch.testing.assert_close(out, nnfast.dense(x, w, None, "gelu", backend=fixed))
+    finally:
+        nnfast.set_dispatch("measure")
+    nnfast.dense(x, w, None, "gelu", backend="reference")
+    assert chooser.decisions() == []
+    with pytest.raises(ValueError, match="'measure' or 'fixed'"):
+        nnfast.set_dispatch("fastest")
+
+
+def test_decisions_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("NNFAST_DISPATCH_CACHE", "1")
+    monkeypatch.setenv("NNFAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(chooser, "_disk_loaded", set())
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    nnfast.dense(x, w, None, "tanh")
+    (path,) = tmp_path.glob("dispatch-*.json")
+    made = chooser.decisions()[0]
+    chooser.clear()
+    monkeypatch.setattr(chooser, "_disk_loaded", set())
+    monkeypatch.setattr(chooser, "measure", lambda *a: pytest.fail("measured again"))
+    nnfast.dense(x, w, None, "tanh")
+    (loaded,) = chooser.decisions()
+    assert loaded.key == made.key and loaded.choice == made.choice
+    assert path.stat().st_size > 0
+
+
+def test_compile_uses_the_decision_made_in_eager():
+    torch._dynamo.reset()
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    act = resolve("gelu")
+    key = chooser.key_of(x, w, b, act, False)
+    chooser._decisions[key] = chooser.Decision(key, chooser.UNFUSED, {chooser.UNFUSED: 0.0})
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    f = torch.compile(lambda x: nnfast.dense(x, w, b, "gelu"), backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), torch.nn.functional.gelu(x @ w.T + b))
+    assert not any("nnfast" in s for s in seen)
