@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
 	$(PY) benchmarks/bench_mlp.py
+	$(PY) benchmarks/bench_overhead.py
 
 # On a GPU machine with torch/triton already installed: build, test, benchmark; installs nothing
 gpu-check:

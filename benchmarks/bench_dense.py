@@ -196,6 +196,9 @@ def main(argv=None) -> list[harness.Row]:
             )
     alts = ["eager", "compile", "compile-max-autotune", "onednn", "addmm_activation"]
     harness.report(rows, opt, "nnfast dense: throughput", alts)
+    print("\n## nnfast-auto decisions (path: measured time per call)\n")
+    print(nnfast.dispatch_report())
+    print()
     print(worst_auto_line(rows))
     return rows
 

@@ -102,33 +102,29 @@ def _autocast_all(x: Tensor, *params: Tensor | None) -> list:
     ]
 
 
-def _composite(*tensors: Tensor | None) -> bool:
-    """Whether this call runs as plain PyTorch ops (the reference math) instead of the custom op.
+# How a call runs: the backend directly (plain eager), plain PyTorch ops, or the custom op.
+EAGER, COMPOSITE, OP = 0, 1, 2
 
-    Custom ops have no forward-mode rule and no torch.func support: under ``torch.func`` transforms
-    (grad, vmap, jvp, jacrev, jacfwd, ...) or forward-mode AD (``torch.autograd.forward_ad`` dual
-    tensors) the op would return a zero tangent or fail, so those calls take the composite path,
-    where every transform works. So do calls with a zero-size inner dimension (``in_features=0``),
-    where the result is the bias broadcast, as in ``F.linear``. Under torch.compile the op is
-    always used (the check itself would break the graph).
+
+def _route(*tensors: Tensor | None) -> int:
+    """COMPOSITE under ``torch.func`` transforms (grad, vmap, jvp, jacrev, jacfwd, ...) and
+    forward-mode AD (``torch.autograd.forward_ad`` dual tensors): custom ops have no forward-mode
+    rule and no torch.func support, so the op would return a zero tangent or fail, while plain
+    PyTorch ops (the reference math) work under every transform. OP under torch.compile and under
+    dispatch or function modes (FakeTensor, export, FlopCounter, a device context, ...), which must
+    see the custom op. EAGER otherwise: nnfast.dense calls its backend directly.
     """
     if torch.compiler.is_compiling():
-        return False
+        return OP
     if torch._C._are_functorch_transforms_active():
-        return True
-    if forward_ad._current_level >= 0:
-        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    return False
-
-
-def _plain_eager() -> bool:
-    """Not compiling and no dispatch or function mode (FakeTensor, export, FlopCounter, a device
-    context, ...): nnfast.dense may call its backend directly instead of through the custom op."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-    )
+        return COMPOSITE
+    if forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return COMPOSITE
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return OP
+    return EAGER
 
 
 _PATH_FNS: dict[str, tuple] = {}
@@ -198,14 +194,15 @@ def dense(
     act = activation if type(activation) is ActivationSpec else resolve(activation)
     x, weight, bias = _autocast_all(x, weight, bias)
     _check_dense_args(x, weight, bias, act)
-    if x.shape[-1] == 0 or _composite(x, weight, bias):
+    route = _route(x, weight, bias)
+    if route == COMPOSITE or x.shape[-1] == 0:  # in_features=0: the bias broadcast, as F.linear
         return chooser.unfused(x, weight, bias, act)
     flat = x.dim() == 2  # no reshape: the output is not a view (FSDP2 warns about views)
     x2 = x if flat else x.reshape(-1, x.shape[-1])  # copies only when dims cannot be flattened
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if _plain_eager():
+    if route == EAGER:
         if _explicit(backend) or not chooser.measuring():
             path = _backends.select(backend, x.device.type, x.dtype)
             forward_fn, backward_fn = _backends.get(path).forward, _backends.get(path).backward
@@ -272,7 +269,7 @@ def mlp(
             raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
         probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
     name = _backends.select(backend, x.device.type, x.dtype)
-    if any(0 in w.shape for w in weights) or _composite(x, *weights, *biases):
+    if any(0 in w.shape for w in weights) or _route(x, *weights, *biases) == COMPOSITE:
         for i, (w, b) in enumerate(zip(weights, biases)):
             x = (act if i < last else resolve(None))(torch.nn.functional.linear(x, w, b))
         return x

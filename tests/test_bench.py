@@ -55,3 +55,11 @@ def test_bench_mlp_reports_memory(tmp_path, capsys):
     held = {r.provider: r.peak_mb for r in rows}
     assert held["nnfast-checkpoint"] <= held["nnfast"] <= held["eager"]
     assert "held for backward" in capsys.readouterr().out
+
+
+def test_bench_overhead_runs(capsys):
+    import bench_overhead
+
+    results = bench_overhead.main(["--rounds", "2", "--calls", "5"])
+    assert {("infer", "eager"), ("train", "FusedDense")} <= set(results)
+    assert "vs eager" in capsys.readouterr().out

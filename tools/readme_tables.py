@@ -16,21 +16,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 def dense_table() -> str:
     rows = list(csv.DictReader((RESULTS / "bench_dense.csv").open()))
     by: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = float(r["median_ms"])
+    for r in rows:  # the CSV accumulates runs: the newest row of each provider wins
+        key = (r["shape"], r["activation"], r["mode"])
+        by.setdefault(key, {})[r["provider"]] = float(r["median_ms"])
     lines = [
-        "| shape MxK→N | mode | nnfast (extension) ms | eager ms | torch.compile ms"
-        " | oneDNN post-op ms | nnfast / eager | nnfast / best other |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape MxK→N | act | mode | nnfast auto ms | nnfast (extension) ms | eager ms"
+        " | torch.compile ms | oneDNN post-op ms | auto / eager | auto / best other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (shape, mode), d in by.items():
+    for (shape, act, mode), d in by.items():
+        if "nnfast-auto" not in d:
+            continue  # rows from runs before the automatic choice existed
         m, k, n = shape.split("x")
-        ext = d["nnfast-extension"]
+        auto = d["nnfast-auto"]
         others = [d[p] for p in ("eager", "compile", "onednn") if p in d]
-        onednn = f"{d['onednn']:.2f}" if "onednn" in d else "-"
+        onednn = f"{d['onednn']:.3f}" if "onednn" in d else "-"
         lines.append(
-            f"| {m}x{k}→{n} | {mode} | {ext:.2f} | {d['eager']:.2f} | {d['compile']:.2f} | {onednn}"
-            f" | {ext / d['eager']:.2f}x | {ext / min(others):.2f}x |"
+            f"| {m}x{k}→{n} | {act} | {mode} | {auto:.3f} | {d['nnfast-extension']:.3f}"
+            f" | {d['eager']:.3f} | {d['compile']:.3f} | {onednn}"
+            f" | {auto / d['eager']:.2f}x | {auto / min(others):.2f}x |"
         )
     return "\n".join(lines)
 

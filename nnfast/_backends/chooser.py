@@ -144,22 +144,20 @@ def measure(
     """Times every candidate on this call's tensors (interleaved rounds, medians)."""
     paths = candidates(x, act, training)
     inputs = [t.detach() if t is not None else None for t in (x, weight, bias)]
+    # training: leaves made once, gradients by autograd.grad, as a training step would
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    wrt = [t for t in leaves if t is not None]
     grad = None
 
     def call(path):
+        nonlocal grad
         if not training:
             with torch.no_grad():
                 return run_path(path, *inputs, act, False)
-        leaves = [
-            t.requires_grad_() if t is not None else None
-            for t in (i.clone() if i is not None else None for i in inputs)
-        ]
         out = run_path(path, *leaves, act, True)
-        nonlocal grad
         if grad is None:
             grad = torch.randn_like(out)
-        out.backward(grad)
-        return out
+        return torch.autograd.grad(out, wrt, grad)
 
     samples: dict[str, list[float]] = {p: [] for p in paths}
     # Identity saved-tensor hooks: the trial runs must not reach an enclosing checkpoint's hooks
