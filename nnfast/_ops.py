@@ -176,7 +176,6 @@ class EagerDense(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight, saved = ctx.saved_tensors
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -185,15 +184,26 @@ class EagerDense(torch.autograd.Function):
             x = grad_out.new_empty(0, 0)
         if weight is None:
             weight = grad_out.new_empty(0, 0)
-        gx, gw, gb = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
-        return (
-            gx if needs[0] else None,
-            gw if needs[1] else None,
-            gb if needs[2] else None,
-            None,
-            None,
-            None,
-        )
+        with torch.no_grad():
+            grads = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        if torch.is_grad_enabled():
+            # create_graph=True: these gradients carry no derivative of their own, so a backward
+            # through them would silently miss the second-order terms. Make that an error.
+            grads = _no_second_order(grads)
+        return (*grads, None, None, None)
+
+
+def _no_second_order(grads: list) -> list:
+    error = torch._C._functions.DelayedError(
+        b"nnfast: second derivatives (a backward through gradients taken with create_graph=True)"
+        b" are not supported by nnfast's fused layers yet; use plain nn.Linear + activation for"
+        b" this computation",
+        sum(g is not None for g in grads),
+    )
+    present = error(*[g.detach().requires_grad_() for g in grads if g is not None])
+    present = list(present) if isinstance(present, tuple) else [present]
+    return [present.pop(0) if g is not None else None for g in grads]
 
 
 # ---- the whole MLP as one op: one saved tensor per hidden layer, or none with recompute ----------

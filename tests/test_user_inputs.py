@@ -381,3 +381,15 @@ def test_tanh_small_inputs_relative_precision(backend, device):
         want = torch.tanh(x.double())
         rel = ((out.double() - want).abs() / want.abs()).max().item()
         assert rel < 1e-6, (width, rel)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_double_backward_raises_instead_of_a_wrong_number(backend, device):
+    # gradients of gradients are not implemented yet: a clear error, never a silently missing term
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    w = torch.randn(5, 4, device=device, requires_grad=True)
+    (gx,) = torch.autograd.grad(
+        nnfast.dense(x, w, None, "tanh", backend=backend).sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="second derivatives|no autograd formula"):
+        (gx * w.sum()).sum().backward()
