@@ -168,42 +168,36 @@ class EagerDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: ActivationSpec, forward_fn, backward_fn):
         out, pre = forward_fn(x, weight, bias, spec, spec.saves_pre)
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.spec, ctx.backward_fn, ctx.has_bias = spec, backward_fn, bias is not None
-        ctx.save_for_backward(
-            x if needs_w else None, weight if needs_x else None, _kept(spec, out, pre, True)
-        )
+        ctx.spec, ctx.backward_fn = spec, backward_fn
+        # x, weight and bias are references to the inputs (no copies); all three are kept so that
+        # a create_graph=True backward can recompute the layer differentiably
+        ctx.save_for_backward(x, weight, bias, _kept(spec, out, pre, True))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, saved = ctx.saved_tensors
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        needs = (needs_x, needs_w, ctx.has_bias and ctx.needs_input_grad[2])
-        if x is None:
-            x = grad_out.new_empty(0, 0)
-        if weight is None:
-            weight = grad_out.new_empty(0, 0)
-        with torch.no_grad():
-            grads = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
-        grads = [g if need else None for g, need in zip(grads, needs)]
+        x, weight, bias, saved = ctx.saved_tensors
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         if torch.is_grad_enabled():
-            # create_graph=True: these gradients carry no derivative of their own, so a backward
-            # through them would silently miss the second-order terms. Make that an error.
-            grads = _no_second_order(grads)
-        return (*grads, None, None, None)
+            # create_graph=True (gradient penalties, PINNs, SDF eikonal terms): the fused kernels
+            # have no derivative of their own, so the gradients are computed from the same layer
+            # in plain PyTorch ops, whose autograd graph carries every higher-order term.
+            grads = _differentiable_grads(grad_out, x, weight, bias, ctx.spec, needs)
+        else:
+            grads = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
+        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
 
 
-def _no_second_order(grads: list) -> list:
-    error = torch._C._functions.DelayedError(
-        b"nnfast: second derivatives (a backward through gradients taken with create_graph=True)"
-        b" are not supported by nnfast's fused layers yet; use plain nn.Linear + activation for"
-        b" this computation",
-        sum(g is not None for g in grads),
-    )
-    present = error(*[g.detach().requires_grad_() for g in grads if g is not None])
-    present = list(present) if isinstance(present, tuple) else [present]
-    return [present.pop(0) if g is not None else None for g in grads]
+def _differentiable_grads(grad_out, x, weight, bias, spec: ActivationSpec, needs) -> list:
+    inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+    with torch.enable_grad():
+        out = spec(torch.nn.functional.linear(x, weight, bias))
+        got = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+    return [next(got) if need else None for need in needs]
 
 
 # ---- the whole MLP as one op: one saved tensor per hidden layer, or none with recompute ----------

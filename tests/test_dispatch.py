@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -24,33 +22,39 @@ def fresh(monkeypatch):
     chooser._decisions.update(saved)
 
 
-def _slow(path_name: str, seconds: float = 0.003):
-    """functional._run with one path made slow (a fake slow candidate)."""
+def _slow(path_name: str, monkeypatch, seconds: float = 1.0):
+    """functional._run with one path made slow (a fake slow candidate): the dispatcher's timer
+    adds ``seconds`` to every timed call of that path. (A real sleep or busy wait would also slow
+    whichever candidate runs next on this 2-core machine, through the thread pools' wake-up.)"""
+    state = {"slow": False}
+    timed = chooser._timed
+
+    def fake_timed(run, x):
+        state["slow"] = False
+        t = timed(run, x)
+        return t + seconds if state["slow"] else t
+
+    monkeypatch.setattr(chooser, "_timed", fake_timed)
 
     def run(path, *args):
-        if path == path_name:
-            # busy, not sleeping: after a sleep the thread pools of the next candidate wake up
-            # slowly (8 ms here), which would make that one look slow instead
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                pass
+        state["slow"] = state["slow"] or path == path_name
         return functional._run(path, *args)
 
     return run
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_a_slow_candidate_is_not_chosen(training):
+def test_a_slow_candidate_is_not_chosen(training, monkeypatch):
     x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
     act = resolve("gelu")
     paths = chooser.candidates(x, act, training)
     assert chooser.UNFUSED in paths and len(paths) >= 2
     for slow in paths:
         chooser.clear()
-        choice = chooser.choose(x, w, b, act, training, _slow(slow))
-        assert choice != slow
+        choice = chooser.choose(x, w, b, act, training, _slow(slow, monkeypatch))
+        assert choice != slow, chooser.report()
         (d,) = chooser.decisions()
-        assert set(d.times_ms) == set(paths) and d.times_ms[slow] >= 3.0
+        assert set(d.times_ms) == set(paths) and d.times_ms[slow] >= 1000.0
 
 
 def test_keys_separate_what_they_must():
@@ -143,3 +147,22 @@ def test_compile_uses_the_decision_made_in_eager():
     with torch.no_grad():
         torch.testing.assert_close(f(x), torch.nn.functional.gelu(x @ w.T + b))
     assert not any("nnfast" in s for s in seen)
+
+
+def test_no_measuring_in_a_distributed_job():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert chooser.measuring()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert not chooser.measuring()  # ranks must not take different paths
+        nnfast.dense(torch.randn(2, 4), torch.randn(3, 4), None, "gelu")
+        assert chooser.decisions() == []
+    finally:
+        dist.destroy_process_group()
+    assert chooser.measuring()

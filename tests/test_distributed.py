@@ -3,8 +3,10 @@ parameters match a single-process run on the whole batch."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -43,7 +45,10 @@ def _train(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 def _worker(rank: int, port: int, mode: str, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # collectives give up after a minute instead of hanging the test run
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         model = _model()
         shard = _data().chunk(WORLD)[rank]
@@ -76,9 +81,15 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_matches_single_process(mode, tmp_path):
     out = str(tmp_path / "state.pt")
-    mp.start_processes(
-        _worker, args=(_free_port(), mode, out), nprocs=WORLD, join=True, start_method="spawn"
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), mode, out), nprocs=WORLD, join=False, start_method="spawn"
     )
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{mode}: the {WORLD} processes did not finish within 180 s")
     got = torch.load(out)
     single = _model()
     _train(single, _data())

@@ -383,13 +383,35 @@ def test_tanh_small_inputs_relative_precision(backend, device):
         assert rel < 1e-6, (width, rel)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "swiglu"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_double_backward_raises_instead_of_a_wrong_number(backend, device):
-    # gradients of gradients are not implemented yet: a clear error, never a silently missing term
-    x = torch.randn(3, 4, device=device, requires_grad=True)
-    w = torch.randn(5, 4, device=device, requires_grad=True)
-    (gx,) = torch.autograd.grad(
-        nnfast.dense(x, w, None, "tanh", backend=backend).sum(), x, create_graph=True
-    )
-    with pytest.raises(RuntimeError, match="second derivatives|no autograd formula"):
-        (gx * w.sum()).sum().backward()
+def test_double_backward_matches_pytorch(backend, device, activation):
+    # once_differentiable used to drop the second-order terms silently here
+    rows = 10 if activation == "swiglu" else 5
+    x0, w0 = torch.randn(3, 4, device=device), torch.randn(rows, 4, device=device) / 2
+    results = []
+    for fn in (
+        lambda x, w: nnfast.dense(x, w, None, activation, backend=backend),
+        lambda x, w: torch_dense(x, w, None, activation),
+    ):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x, w).square().sum(), x, create_graph=True)
+        (gx * w.sum()).sum().backward()  # penalty-like: through gx to x and w
+        results.append((x.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [*nnfast.ACTIVATIONS, "swiglu", "geglu", "reglu"])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])
+def test_dense_second_derivatives_float64(backend, device, activation):
+    # gradients of gradients through the eager path (gradient penalties, PINNs, SDFs)
+    rows = 6 if activation in ("swiglu", "geglu", "reglu") else 3
+    x = torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rows, 5, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(rows, device=device, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return nnfast.dense(x, w, b, activation, backend=backend)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

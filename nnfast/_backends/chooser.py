@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as _dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,9 +68,12 @@ def set_dispatch(mode: str) -> None:
 
 
 def measuring() -> bool:
+    """Whether automatic calls are measured. Never in a torch.distributed job: ranks timing on
+    their own could take different paths, whose autograd graphs differ, so FSDP's per-module
+    gradient reductions could be issued in different orders on different ranks (a hang)."""
     if _mode not in ("measure", "fixed"):
         raise ValueError(f"NNFAST_DISPATCH={_mode!r}: expected 'measure' or 'fixed'")
-    return _mode == "measure"
+    return _mode == "measure" and not (_dist.is_available() and _dist.is_initialized())
 
 
 def decisions() -> list[Decision]:
@@ -109,7 +113,9 @@ def candidates(x: Tensor, act: ActivationSpec, training: bool) -> list[str]:
     """The paths that can run a call like this one."""
     from nnfast._backends import extension, why_not
 
-    names = [n for n in ("triton", "extension") if why_not(n, x.device.type, x.dtype) is None]
+    # triton on CPU tensors is the interpreter: a correctness tool, never a candidate
+    names = ["triton"] if x.device.type == "cuda" else []
+    names = [n for n in (*names, "extension") if why_not(n, x.device.type, x.dtype) is None]
     if (
         x.device.type == "cpu"
         and "extension" in names
