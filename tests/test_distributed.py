@@ -70,6 +70,9 @@ def _worker(rank: int, port: int, mode: str, out_path: str) -> None:
             torch.save(state, out_path)
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown (thread pools, atexit handlers): a rank that
+    # finished must not be able to hang at exit while the other waits for it.
+    os._exit(0)
 
 
 def _free_port() -> int:
