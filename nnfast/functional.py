@@ -145,16 +145,20 @@ def _path_fns(path: str) -> tuple:
     return fns
 
 
-def _run(
-    path: str, x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, training: bool
-):
-    """One dense layer through ``path`` in eager mode: x (M, K) -> (M, N)."""
-    if path == chooser.UNFUSED:
-        return chooser.unfused(x, weight, bias, act)
-    forward_fn, backward_fn = _path_fns(path)
+def _apply(forward_fn, backward_fn, x, weight, bias, act: ActivationSpec, training: bool):
+    """One dense layer through a backend's functions in eager mode: x (M, K) -> (M, N)."""
     if not training:
         return forward_fn(x, weight, bias, act, False)[0]
     return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn)
+
+
+def _run(
+    path: str, x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, training: bool
+):
+    """One dense layer through a dispatcher path in eager mode."""
+    if path == chooser.UNFUSED:
+        return chooser.unfused(x, weight, bias, act)
+    return _apply(*_path_fns(path), x, weight, bias, act, training)
 
 
 def _explicit(backend: str | None) -> bool:
@@ -204,12 +208,8 @@ def dense(
     )
     if route == EAGER:
         if _explicit(backend) or not chooser.measuring():
-            path = _backends.select(backend, x.device.type, x.dtype)
-            forward_fn, backward_fn = _backends.get(path).forward, _backends.get(path).backward
-            if needs_grad:
-                out = _ops.EagerDense.apply(x2, weight, bias, act, forward_fn, backward_fn)
-            else:
-                out = forward_fn(x2, weight, bias, act, False)[0]
+            be = _backends.get(_backends.select(backend, x.device.type, x.dtype))
+            out = _apply(be.forward, be.backward, x2, weight, bias, act, needs_grad)
         else:
             path = chooser.choose(x2, weight, bias, act, needs_grad, _run)
             out = _run(path, x2, weight, bias, act, needs_grad)

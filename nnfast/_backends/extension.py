@@ -152,7 +152,8 @@ _ONEDNN = {
 }
 
 
-def _use_onednn(x: Tensor, weight: Tensor, act: ActivationSpec, save: bool) -> bool:
+def onednn_supported(x: Tensor, act: ActivationSpec, save: bool) -> bool:
+    """Whether ``forward_onednn`` can run this call (inference rows of ``_ONEDNN``)."""
     return (
         not save
         and act.name in _ONEDNN
@@ -161,11 +162,6 @@ def _use_onednn(x: Tensor, weight: Tensor, act: ActivationSpec, save: bool) -> b
         and x.shape[1] > 0
         and torch.backends.mkldnn.is_available()
     )
-
-
-def onednn_supported(x: Tensor, act: ActivationSpec, save: bool) -> bool:
-    """Whether ``forward_onednn`` can run this call (inference rows of ``_ONEDNN``)."""
-    return _use_onednn(x, x, act, save)
 
 
 def forward_onednn(
@@ -192,7 +188,7 @@ def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec, save: bool
 ) -> tuple[Tensor, Tensor]:
     # the fixed choice; the measuring dispatcher picks between the two itself
-    if _use_onednn(x, weight, act, save):
+    if onednn_supported(x, act, save):
         return forward_onednn(x, weight, bias, act)
     return forward_native(x, weight, bias, act, save)
 
