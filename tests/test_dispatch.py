@@ -166,3 +166,12 @@ def test_no_measuring_in_a_distributed_job():
     finally:
         dist.destroy_process_group()
     assert chooser.measuring()
+
+
+def test_a_near_tie_goes_to_the_unfused_path():
+    # the fastest fused path must win by MARGIN; otherwise PyTorch itself runs
+    u = 1.0
+    assert chooser.pick({"extension": u * (1 - chooser.MARGIN / 2), "unfused": u}) == "unfused"
+    assert chooser.pick({"extension": u * (1 - 2 * chooser.MARGIN), "unfused": u}) == "extension"
+    assert chooser.pick({"extension": 2.0, "onednn": 0.5, "unfused": u}) == "onednn"
+    assert chooser.pick({"extension": 2.0, "unfused": u}) == "unfused"

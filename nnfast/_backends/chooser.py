@@ -5,7 +5,8 @@ inference: oneDNN's inner product with the activation as a post-op) and ``unfuse
 ``F.linear`` + the activation: PyTorch itself, so nnfast is never slower than it by more than the
 lookup). On the first call for a key (device, dtype, activation and its parameter, training or
 inference, bias or not, M rounded up to a power of two, N, K) every path that can run it is
-timed on that call's own tensors, interleaved, medians; the fastest is kept.
+timed on that call's own tensors, interleaved, medians; the fastest is kept if it beats the
+unfused path by at least ``MARGIN`` (3%), else the unfused path (a near-tie is noise).
 
 Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`` (or
 ``set_dispatch("fixed")``) turns measuring off: the fixed order of ``nnfast._backends.select``.
@@ -37,6 +38,9 @@ _disk_loaded: set[str] = set()
 # Per candidate and key: time at least this long in total, at most this many rounds.
 _BUDGET_S = 0.03
 _MAX_ROUNDS = 60
+# A fused path must beat the unfused one by this fraction to be chosen: a short measurement on
+# cache-hot tensors cannot tell near-ties apart, and on a tie PyTorch itself is the safe choice.
+MARGIN = 0.03
 
 
 @dataclass
@@ -178,7 +182,15 @@ def measure(
             if r >= 2 and time.perf_counter() > deadline:
                 break
     times = {p: statistics.median(s) * 1e3 for p, s in samples.items()}
-    return Decision(key, min(times, key=times.get), times)
+    return Decision(key, pick(times), times)
+
+
+def pick(times_ms: dict[str, float]) -> str:
+    """The fastest path, unless it beats the unfused path by less than ``MARGIN``."""
+    best = min(times_ms, key=times_ms.get)
+    if UNFUSED in times_ms and times_ms[best] > times_ms[UNFUSED] * (1 - MARGIN):
+        return UNFUSED
+    return best
 
 
 def choose(
