@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from nnfast import _backends
+from nnfast._backends import reference
 from nnfast.activations import BY_NAME, ActivationSpec
 
 
@@ -119,40 +120,107 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> No
     )
 
 
-def _backward(ctx: Any, grad_out: Tensor | None, grad_pre_unused: Tensor | None) -> tuple:
-    if grad_out is None:
-        return (None,) * 7
+def _backward(ctx: Any, grad_out: Tensor | None, grad_pre: Tensor | None) -> tuple:
     x, weight, saved = ctx.saved_tensors
-    needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    needs_b = ctx.has_bias and ctx.needs_input_grad[2]
+    needs = (
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+    )
     if x is None:
-        x = grad_out.new_empty(0, 0)
+        x = saved.new_empty(0, 0)
     if weight is None:
-        weight = grad_out.new_empty(0, 0)
-    gx, gw, gb = dense_bwd(
-        grad_out,
-        x,
-        weight,
-        saved,
-        ctx.activation,
-        ctx.param,
-        needs_x,
-        needs_w,
-        needs_b,
-        ctx.backend,
+        weight = saved.new_empty(0, 0)
+    grads = [None, None, None]
+    if grad_out is not None:
+        grads = dense_bwd(grad_out, x, weight, saved, ctx.activation, ctx.param, *needs, ctx.backend)
+    # grad_pre: only a double backward differentiates the kept pre-activation (the tensor
+    # dense_bwd read); pre = x W^T + b, so it adds a linear layer's gradients
+    grads = _add_linear_grads(grads, grad_pre, x, weight, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+
+
+def _add_linear_grads(grads, g: Tensor | None, x: Tensor, weight: Tensor, needs) -> list:
+    """grads + the gradients of ``x @ weight.T + b`` for output gradient g (None, or the gradient
+    of a (0,) placeholder pre-activation, adds nothing)."""
+    if g is None or g.dim() != 2:
+        return list(grads)
+    extra = (
+        g @ weight if needs[0] else None,
+        g.t() @ x if needs[1] else None,
+        g.sum(0) if needs[2] else None,
     )
-    return (
-        gx if needs_x else None,
-        gw if needs_w else None,
-        gb if needs_b else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return [e if a is None else a if e is None else a + e for a, e in zip(grads, extra)]
 
 
 dense_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- second derivatives: dense_bwd's own autograd formula -----------------------------------------
+#
+# dense_bwd computes g = grad_out * f'(s) (s: the kept tensor, pre-activation or output; gated: the
+# gate/up product rule), then grad_x = g W, grad_w = g^T x, grad_b = sum_rows g. Given the
+# gradients (gg_x, gg_w, gg_b) of those outputs, with dg = gg_x W^T + x gg_w^T + gg_b:
+#   d grad_out = dg * f'(s),  d s = dg * grad_out * f''(s),  d x = g gg_w,  d W = gg_x^T g.
+# d s flows back into the forward op's kept output (its pre-activation or output). The formula is
+# PyTorch ops on the table's grad/grad2, so it is differentiable again (third order and up).
+
+
+def _act_grad_grad(spec: ActivationSpec, grad_out: Tensor, saved: Tensor, dg: Tensor) -> tuple:
+    """(d grad_out, d saved) for a gradient dg of the pre-activation gradient; 16-bit dtypes are
+    computed in float32, as PyTorch's own activation backward kernels do."""
+    if spec.is_identity:
+        return dg, None
+    dtype = grad_out.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    grad_out, saved, dg = grad_out.to(compute), saved.to(compute), dg.to(compute)
+    if spec.is_gated:
+        base, (gate, up), (dg_gate, dg_up) = spec.base, saved.chunk(2, -1), dg.chunk(2, -1)
+        f, df = base(gate), base.grad(gate)
+        d_grad_out = dg_gate * up * df + dg_up * f
+        d_gate = dg_up * df
+        if base.act.grad2 is not None:
+            d_gate = d_gate + dg_gate * up * base.act.grad2(gate, base.param)
+        d_saved = torch.cat((grad_out * d_gate, grad_out * dg_gate * df), dim=-1)
+    else:
+        d_grad_out, d_saved = dg * spec.grad(saved), None
+        if spec.act.grad2 is not None:
+            d_saved = dg * grad_out * spec.act.grad2(saved, spec.param)
+    return d_grad_out.to(dtype), (None if d_saved is None else d_saved.to(dtype))
+
+
+def dense_grad_grad(spec, grad_out, x, weight, saved, gg_x, gg_w, gg_b) -> tuple:
+    """(d grad_out, d x, d weight, d saved) of dense_bwd; None where nothing flows."""
+    dg = None
+    if gg_x is not None:
+        dg = gg_x @ weight.t()
+    if gg_w is not None:
+        dg = x @ gg_w.t() if dg is None else dg + x @ gg_w.t()
+    if gg_b is not None:
+        dg = gg_b.expand(grad_out.shape[0], -1) if dg is None else dg + gg_b
+    g = reference.grad_pre(grad_out, saved, spec) if gg_x is not None or gg_w is not None else None
+    d_x = g @ gg_w if gg_w is not None else None
+    d_w = g.t() @ gg_x if gg_x is not None else None
+    d_grad_out, d_saved = (None, None) if dg is None else _act_grad_grad(spec, grad_out, saved, dg)
+    return d_grad_out, d_x, d_w, d_saved
+
+
+def _bwd_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grad_out, x, weight, saved, activation, param, needs_x, needs_w, needs_b, backend = inputs
+    ctx.set_materialize_grads(False)
+    ctx.spec, ctx.needs = _spec(activation, param), (needs_x, needs_w, needs_b)
+    ctx.save_for_backward(grad_out, x, weight, saved)
+
+
+def _bwd_backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None, gg_b: Tensor | None):
+    grad_out, x, weight, saved = ctx.saved_tensors
+    # an output that was not asked for is a (0,) placeholder: nothing flows from it
+    gg = [g if need else None for g, need in zip((gg_x, gg_w, gg_b), ctx.needs)]
+    d_grad_out, d_x, d_w, d_saved = dense_grad_grad(ctx.spec, grad_out, x, weight, saved, *gg)
+    return (d_grad_out, d_x, d_w, d_saved, *[None] * 6)
+
+
+dense_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 # ---- eager twin of dense_fwd/dense_bwd: the same backend calls without the op machinery ----------
@@ -165,39 +233,37 @@ dense_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class EagerDense(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, spec: ActivationSpec, forward_fn, backward_fn):
-        out, pre = forward_fn(x, weight, bias, spec, spec.saves_pre)
-        ctx.spec, ctx.backward_fn = spec, backward_fn
-        # x, weight and bias are references to the inputs (no copies); all three are kept so that
-        # a create_graph=True backward can recompute the layer differentiably
-        ctx.save_for_backward(x, weight, bias, _kept(spec, out, pre, True))
-        return out
+    """dense_fwd + dense_bwd's autograd without the op machinery. Like the op it returns the
+    pre-activation too (an internal output), so that a double backward can reach it."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, saved = ctx.saved_tensors
+    def forward(ctx, x, weight, bias, spec: ActivationSpec, forward_fn, backward_fn, backend):
+        out, pre = forward_fn(x, weight, bias, spec, spec.saves_pre)
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.backward_fn, ctx.backend = spec, backward_fn, backend
+        # x and weight are references to the inputs (no copies)
+        ctx.save_for_backward(x, weight, _kept(spec, out, pre, True))
+        ctx.has_bias = bias is not None
+        return out, pre
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_pre):
+        x, weight, saved = ctx.saved_tensors
         needs = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
+            ctx.has_bias and ctx.needs_input_grad[2],
         )
-        if torch.is_grad_enabled():
-            # create_graph=True (gradient penalties, PINNs, SDF eikonal terms): the fused kernels
-            # have no derivative of their own, so the gradients are computed from the same layer
-            # in plain PyTorch ops, whose autograd graph carries every higher-order term.
-            grads = _differentiable_grads(grad_out, x, weight, bias, ctx.spec, needs)
-        else:
+        grads = [None, None, None]
+        if grad_out is not None and torch.is_grad_enabled():
+            # create_graph=True (gradient penalties, PINNs, SDF eikonal terms): the op, whose
+            # autograd formula carries the second-order terms
+            s = ctx.spec
+            grads = dense_bwd(grad_out, x, weight, saved, s.name, s.param, *needs, ctx.backend)
+        elif grad_out is not None:
             grads = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
-        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
-
-
-def _differentiable_grads(grad_out, x, weight, bias, spec: ActivationSpec, needs) -> list:
-    inputs = [t for t, need in zip((x, weight, bias), needs) if need]
-    with torch.enable_grad():
-        out = spec(torch.nn.functional.linear(x, weight, bias))
-        got = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
-    return [next(got) if need else None for need in needs]
+        grads = _add_linear_grads(grads, grad_pre, x, weight, needs)
+        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
 # ---- the whole MLP as one op: one saved tensor per hidden layer, or none with recompute ----------
@@ -355,25 +421,32 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
     it = iter(tensors[1 + n : 1 + n + sum(ctx.has_bias)])
     biases = [next(it) if hb else None for hb in ctx.has_bias]
     saved = list(tensors[1 + n + sum(ctx.has_bias) :])
-    if grad_out is None:
+    grad_saved = [g for g in grad_saved or [] if g is not None] and grad_saved
+    if grad_out is None and not grad_saved:
         return None, [None] * n, [None] * n, None, None, None, None
     if ctx.recompute:
+        # under create_graph the rerun is recorded, so the second-order terms reach x and weights
         placeholders = [x.new_empty(0) if b is None else b for b in biases]
         _, saved = mlp_fwd(x, weights, placeholders, ctx.activation, ctx.param, True, ctx.backend)
     needs_x, needs_w, needs_b = ctx.needs
-    gx, gws, gbs = mlp_bwd(
-        grad_out,
-        x,
-        weights,
-        ctx.has_bias,
-        saved,
-        ctx.activation,
-        ctx.param,
-        needs_x,
-        needs_w,
-        needs_b,
-        ctx.backend,
-    )
+    if torch.is_grad_enabled() or grad_saved:
+        # create_graph=True, or the double backward reaching the kept tensors: layer by layer
+        # through dense_bwd, whose autograd formula carries the second-order terms
+        gx, gws, gbs = _mlp_backward_layers(ctx, grad_out, grad_saved, x, weights, saved)
+    else:
+        gx, gws, gbs = mlp_bwd(
+            grad_out,
+            x,
+            weights,
+            ctx.has_bias,
+            saved,
+            ctx.activation,
+            ctx.param,
+            needs_x,
+            needs_w,
+            needs_b,
+            ctx.backend,
+        )
     return (
         gx if needs_x else None,
         [gw if needs_w else None for gw in gws],
@@ -383,6 +456,30 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
         None,
         None,
     )
+
+
+def _mlp_backward_layers(ctx, grad_out, grad_saved, x, weights, saved) -> tuple:
+    """The MLP's backward as one dense_bwd per layer (differentiable), plus the gradients that a
+    double backward sends to each hidden layer's kept tensor: to its output (added to the
+    gradient flowing into the layer) or to its pre-activation (a linear layer's gradients)."""
+    n, (needs_x, needs_w, needs_b) = len(weights), ctx.needs
+    specs = _layer_specs(_spec(ctx.activation, ctx.param), n)
+    grad_saved = grad_saved or [None] * (n - 1)
+    g, grad_ws, grad_bs = grad_out, [None] * n, [None] * n
+    for i in reversed(range(n)):
+        x_i = x if i == 0 else _layer_input(specs[i - 1], saved[i - 1])
+        extra = grad_saved[i] if i < n - 1 else None
+        if extra is not None and specs[i].from_output:
+            g, extra = (extra if g is None else g + extra), None
+        needs = (needs_x if i == 0 else True, needs_w, needs_b and ctx.has_bias[i])
+        grads = [None, None, None]
+        if g is not None:
+            kept = saved[i] if i < n - 1 else g.new_empty(0)
+            s = specs[i]
+            grads = dense_bwd(g, x_i, weights[i], kept, s.name, s.param, *needs, ctx.backend)
+        gx, grad_ws[i], grad_bs[i] = _add_linear_grads(grads, extra, x_i, weights[i], needs)
+        g = gx if needs[0] else None
+    return g, grad_ws, grad_bs
 
 
 mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

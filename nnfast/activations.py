@@ -1,10 +1,12 @@
-"""THE activation table: names, aliases, parameters and reference math (f and f').
+"""THE activation table: names, aliases, parameters and reference math (f, f' and f'').
 
 Every backend reads this table. A row's ``code`` is the integer the kernels switch on
 (``kernels/activations.py`` and ``csrc/activations.h`` use the same numbers), its ``fn`` is the
 exact PyTorch semantics, and its ``grad`` is the derivative with respect to the pre-activation,
 evaluated from the tensor the layer keeps for backward: the output where ``from_output`` says so
 (one tensor serves both as saved state and as the next layer's input), else the pre-activation.
+``grad2`` is the derivative of ``grad`` with respect to that same saved tensor (so f''(pre) for rows
+that keep the pre-activation): the double backward (``create_graph=True``) reads it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def _silu_grad(x: Tensor, _: float) -> Tensor:
     return s * (1.0 + x * (1.0 - s))
 
 
+def _gelu_grad2(x: Tensor, _: float) -> Tensor:
+    # d/dx (Phi(x) + x phi(x)) = 2 phi(x) + x phi'(x) = phi(x) (2 - x^2)
+    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x)
+
+
+def _gelu_tanh_grad2(x: Tensor, _: float) -> Tensor:
+    # with t = tanh(u), t' = (1 - t^2) u', u' = sqrt(2/pi) (1 + 3 kappa x^2), u'' = 6 sqrt(2/pi) kappa x:
+    # f'' = (1 - t^2) (u' - x t u'^2 + x u''/2)
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_KAPPA * x * x * x))
+    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_KAPPA * x * x)
+    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * _SQRT_2_OVER_PI * _GELU_TANH_KAPPA * x * x)
+
+
+def _silu_grad2(x: Tensor, _: float) -> Tensor:
+    # d/dx s (1 + x (1 - s)) = s (1 - s) (2 + x (1 - 2 s))
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
 @dataclass(frozen=True)
 class Activation:
     """One row of the table."""
@@ -63,6 +84,8 @@ class Activation:
     # Gated rows (swiglu, geglu, reglu): the layer's weight is (2*out, in), gate rows then up rows,
     # and y = base(gate) * up with ``base`` the row named here. fn/grad are the base's.
     gated_base: str | None = None
+    # d grad / d saved, on the saved tensor; None where it is zero (almost everywhere)
+    grad2: Callable[[Tensor, float], Tensor] | None = None
 
     def __reduce__(self) -> tuple:
         # by name: the row holds functions (lambdas) that pickle cannot store
@@ -109,6 +132,7 @@ TABLE: tuple[Activation, ...] = (
         3,
         fn=lambda x, p: F.gelu(x),
         grad=_gelu_grad,
+        grad2=_gelu_grad2,
         vjp=lambda g, x, p: torch.ops.aten.gelu_backward(g, x),
     ),
     Activation(
@@ -116,6 +140,7 @@ TABLE: tuple[Activation, ...] = (
         4,
         fn=lambda x, p: F.gelu(x, approximate="tanh"),
         grad=_gelu_tanh_grad,
+        grad2=_gelu_tanh_grad2,
         aliases=("gelu_approx", "gelu_new"),
         vjp=lambda g, x, p: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
     ),
@@ -124,6 +149,7 @@ TABLE: tuple[Activation, ...] = (
         5,
         fn=lambda x, p: F.silu(x),
         grad=_silu_grad,
+        grad2=_silu_grad2,
         aliases=("swish",),
         vjp=lambda g, x, p: torch.ops.aten.silu_backward(g, x),
     ),
@@ -133,6 +159,7 @@ TABLE: tuple[Activation, ...] = (
         fn=lambda x, p: torch.sigmoid(x),
         # s'(x) = y (1 - y)
         grad=lambda y, p: y * (1.0 - y),
+        grad2=lambda y, p: 1.0 - 2.0 * y,
         from_output=True,
         vjp=lambda g, y, p: torch.ops.aten.sigmoid_backward(g, y),
     ),
@@ -142,6 +169,7 @@ TABLE: tuple[Activation, ...] = (
         fn=lambda x, p: torch.tanh(x),
         # tanh'(x) = 1 - y^2
         grad=lambda y, p: 1.0 - y * y,
+        grad2=lambda y, p: -2.0 * y,
         from_output=True,
         vjp=lambda g, y, p: torch.ops.aten.tanh_backward(g, y),
     ),
@@ -151,6 +179,7 @@ TABLE: tuple[Activation, ...] = (
         fn=lambda x, p: torch.square(F.relu(x)),
         # d/dx relu(x)^2 = 2 relu(x); read from x, since y = relu(x)^2 overflows float16 first
         grad=lambda x, p: 2.0 * F.relu(x),
+        grad2=lambda x, p: 2.0 * (x > 0).to(x.dtype),
         aliases=("relu2", "relu_squared"),
     ),
 )
@@ -158,7 +187,13 @@ TABLE: tuple[Activation, ...] = (
 _BASE = {a.name: a for a in TABLE}
 TABLE = TABLE + tuple(
     Activation(
-        name, code, fn=_BASE[base].fn, grad=_BASE[base].grad, gated_base=base, aliases=aliases
+        name,
+        code,
+        fn=_BASE[base].fn,
+        grad=_BASE[base].grad,
+        grad2=_BASE[base].grad2,
+        gated_base=base,
+        aliases=aliases,
     )
     for name, code, base, aliases in (
         ("swiglu", 9, "silu", ("swish_glu",)),

@@ -131,25 +131,27 @@ _PATH_FNS: dict[str, tuple] = {}
 
 
 def _path_fns(path: str) -> tuple:
-    """(forward, backward) of a dispatcher path; ``extension`` is nnfast._C's own kernels."""
+    """(forward, backward, backend name) of a dispatcher path; ``extension`` is nnfast._C's own
+    kernels."""
     fns = _PATH_FNS.get(path)
     if fns is None:
-        be = _backends.get("extension" if path == "onednn" else path)
+        name = "extension" if path == "onednn" else path
+        be = _backends.get(name)
         if path == "onednn":
-            fns = (be.forward_onednn, None)
+            fns = (be.forward_onednn, None, name)
         elif path == "extension":
-            fns = (be.forward_native, be.backward)
+            fns = (be.forward_native, be.backward, name)
         else:
-            fns = (be.forward, be.backward)
+            fns = (be.forward, be.backward, name)
         _PATH_FNS[path] = fns
     return fns
 
 
-def _apply(forward_fn, backward_fn, x, weight, bias, act: ActivationSpec, training: bool):
+def _apply(forward_fn, backward_fn, backend: str, x, weight, bias, act, training: bool):
     """One dense layer through a backend's functions in eager mode: x (M, K) -> (M, N)."""
     if not training:
         return forward_fn(x, weight, bias, act, False)[0]
-    return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn)
+    return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn, backend)[0]
 
 
 def _run(
@@ -208,8 +210,9 @@ def dense(
     )
     if route == EAGER:
         if _explicit(backend) or not chooser.measuring():
-            be = _backends.get(_backends.select(backend, x.device.type, x.dtype))
-            out = _apply(be.forward, be.backward, x2, weight, bias, act, needs_grad)
+            name = _backends.select(backend, x.device.type, x.dtype)
+            be = _backends.get(name)
+            out = _apply(be.forward, be.backward, name, x2, weight, bias, act, needs_grad)
         else:
             path = chooser.choose(x2, weight, bias, act, needs_grad, _run)
             out = _run(path, x2, weight, bias, act, needs_grad)
