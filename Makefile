@@ -1,13 +1,14 @@
 # make test   : create .venv if absent, install pinned dependencies and nnfast, run the tests
 # make bench  : the benchmark suite on this machine's device (markdown table, CSV and plot)
-# make demo   : the research demo (coordinate network on a photo); make gpu-check on a GPU machine
+# make demo   : the research demos (coordinate network on a photo; make demo-sdf: SDF with second
+#               derivatives); make gpu-check on a GPU machine
 PYTHON_SYS ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnfast-installed
 
-.PHONY: test bench lint install clean check-cuda check-triton gpu-check demo
+.PHONY: test bench lint install clean check-cuda check-triton gpu-check demo demo-sdf
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -35,9 +36,14 @@ bench: $(STAMP)
 gpu-check:
 	$(PYTHON_SYS) tools/gpu_check.py
 
-# Coordinate network fitting a photo, nnfast vs eager from the same initial weights
+# The research demos: a coordinate network fitting a photo, and a 2-D signed-distance field
+# trained with an eikonal term (second derivatives); nnfast vs eager from the same initial weights
 demo: $(STAMP)
 	$(PY) examples/coordinate_network.py
+	$(PY) examples/sdf.py
+
+demo-sdf: $(STAMP)
+	$(PY) examples/sdf.py
 
 # nvcc -c of every .cu for sm_80 and sm_90 (no GPU needed); says so and passes where nvcc is absent
 check-cuda: $(STAMP)

@@ -134,23 +134,42 @@ def _backward(ctx: Any, grad_out: Tensor | None, grad_pre: Tensor | None) -> tup
     grads = [None, None, None]
     if grad_out is not None:
         grads = dense_bwd(grad_out, x, weight, saved, ctx.activation, ctx.param, *needs, ctx.backend)
-    # grad_pre: only a double backward differentiates the kept pre-activation (the tensor
-    # dense_bwd read); pre = x W^T + b, so it adds a linear layer's gradients
-    grads = _add_linear_grads(grads, grad_pre, x, weight, needs)
+    if _is_pre_grad(grad_pre):
+        # only a double backward differentiates the kept pre-activation (pre = x W^T + b)
+        extra = _linear_grads(grad_pre, x, weight, needs)
+        grads = [e if a is None else a if e is None else a + e for a, e in zip(grads, extra)]
     return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
-def _add_linear_grads(grads, g: Tensor | None, x: Tensor, weight: Tensor, needs) -> list:
-    """grads + the gradients of ``x @ weight.T + b`` for output gradient g (None, or the gradient
-    of a (0,) placeholder pre-activation, adds nothing)."""
-    if g is None or g.dim() != 2:
-        return list(grads)
-    extra = (
+def _linear_grads(g: Tensor, x: Tensor, weight: Tensor, needs) -> list:
+    """The gradients of ``x @ weight.T + b`` for the output gradient g, in PyTorch ops."""
+    return [
         g @ weight if needs[0] else None,
         g.t() @ x if needs[1] else None,
         g.sum(0) if needs[2] else None,
-    )
-    return [e if a is None else a if e is None else a + e for a, e in zip(grads, extra)]
+    ]
+
+
+def _is_pre_grad(grad_pre: Tensor | None) -> bool:
+    # a (0,) placeholder pre-activation (the layer kept its output, or nothing) gets none
+    return grad_pre is not None and grad_pre.dim() == 2
+
+
+def layer_grads(grad_out, grad_pre, x, weight, kept, spec: ActivationSpec, needs, backward_fn):
+    """One layer's input gradients from the gradient of its output and (in a double backward)
+    of its kept pre-activation. Under create_graph=True in PyTorch ops on the table's f' (so
+    PyTorch's engine runs the second-order pass and computes only the terms asked for; a custom
+    node must return every input's gradient at once); else the backend's fused backward."""
+    graph = torch.is_grad_enabled()
+    if _is_pre_grad(grad_pre):
+        if grad_out is not None:
+            grad_pre = reference.grad_pre(grad_out, kept, spec, differentiable=graph) + grad_pre
+        return _linear_grads(grad_pre, x, weight, needs)
+    if grad_out is None:
+        return [None, None, None]
+    if graph:
+        return _linear_grads(reference.grad_pre(grad_out, kept, spec, True), x, weight, needs)
+    return backward_fn(grad_out, x, weight, kept, spec, needs)
 
 
 dense_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -254,15 +273,9 @@ class EagerDense(torch.autograd.Function):
             ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[2],
         )
-        grads = [None, None, None]
-        if grad_out is not None and torch.is_grad_enabled():
-            # create_graph=True (gradient penalties, PINNs, SDF eikonal terms): the op, whose
-            # autograd formula carries the second-order terms
-            s = ctx.spec
-            grads = dense_bwd(grad_out, x, weight, saved, s.name, s.param, *needs, ctx.backend)
-        elif grad_out is not None:
-            grads = ctx.backward_fn(grad_out, x, weight, saved, ctx.spec, needs)
-        grads = _add_linear_grads(grads, grad_pre, x, weight, needs)
+        grads = layer_grads(
+            grad_out, grad_pre, x, weight, saved, ctx.spec, needs, ctx.backward_fn
+        )
         return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
@@ -306,6 +319,10 @@ def mlp_fwd(
 
     biases: one (N_i,) tensor per layer, or an empty tensor where the layer has no bias.
     """
+    return _mlp_forward_impl(x, weights, biases, activation, param, save, backend)
+
+
+def _mlp_forward_impl(x, weights, biases, activation, param, save, backend):
     be = _backends.get(backend)
     biases = _present(weights, biases)
     if _fused(backend, _spec(activation, param), x, weights):
@@ -353,6 +370,14 @@ def mlp_bwd(
     backend: str,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Layer by layer from the last: grad_x (M, K) and per layer grad_w, grad_b ((0,) if unused)."""
+    return _mlp_backward_impl(
+        grad_out, x, weights, has_bias, saved, activation, param, needs_x, needs_w, needs_b, backend
+    )
+
+
+def _mlp_backward_impl(
+    grad_out, x, weights, has_bias, saved, activation, param, needs_x, needs_w, needs_b, backend
+):
     be = _backends.get(backend)
     if _fused(backend, _spec(activation, param), x, weights):
         gx, gws, gbs = be.mlp_backward(
@@ -411,6 +436,7 @@ def _mlp_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     )
     # Without saved tensors (checkpoint), backward reruns the forward from x.
     ctx.recompute = not save and ctx.num_layers > 1
+    ctx.eager = False  # EagerMLP: backward calls the implementations, not the ops
     ctx.save_for_backward(x, *weights, *[b for b in biases if b is not None], *saved)
 
 
@@ -431,10 +457,9 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
     needs_x, needs_w, needs_b = ctx.needs
     if torch.is_grad_enabled() or grad_saved:
         # create_graph=True, or the double backward reaching the kept tensors: layer by layer
-        # through dense_bwd, whose autograd formula carries the second-order terms
         gx, gws, gbs = _mlp_backward_layers(ctx, grad_out, grad_saved, x, weights, saved)
     else:
-        gx, gws, gbs = mlp_bwd(
+        gx, gws, gbs = (_mlp_backward_impl if ctx.eager else mlp_bwd)(
             grad_out,
             x,
             weights,
@@ -459,27 +484,45 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
 
 
 def _mlp_backward_layers(ctx, grad_out, grad_saved, x, weights, saved) -> tuple:
-    """The MLP's backward as one dense_bwd per layer (differentiable), plus the gradients that a
+    """The MLP's backward layer by layer (see ``layer_grads``), plus the gradients that a
     double backward sends to each hidden layer's kept tensor: to its output (added to the
     gradient flowing into the layer) or to its pre-activation (a linear layer's gradients)."""
     n, (needs_x, needs_w, needs_b) = len(weights), ctx.needs
     specs = _layer_specs(_spec(ctx.activation, ctx.param), n)
     grad_saved = grad_saved or [None] * (n - 1)
     g, grad_ws, grad_bs = grad_out, [None] * n, [None] * n
+    be = _backends.get(ctx.backend)
     for i in reversed(range(n)):
         x_i = x if i == 0 else _layer_input(specs[i - 1], saved[i - 1])
         extra = grad_saved[i] if i < n - 1 else None
         if extra is not None and specs[i].from_output:
             g, extra = (extra if g is None else g + extra), None
         needs = (needs_x if i == 0 else True, needs_w, needs_b and ctx.has_bias[i])
-        grads = [None, None, None]
-        if g is not None:
-            kept = saved[i] if i < n - 1 else g.new_empty(0)
-            s = specs[i]
-            grads = dense_bwd(g, x_i, weights[i], kept, s.name, s.param, *needs, ctx.backend)
-        gx, grad_ws[i], grad_bs[i] = _add_linear_grads(grads, extra, x_i, weights[i], needs)
+        kept = saved[i] if i < n - 1 else x.new_empty(0)
+        gx, grad_ws[i], grad_bs[i] = layer_grads(
+            g, extra, x_i, weights[i], kept, specs[i], needs, be.backward
+        )
         g = gx if needs[0] else None
     return g, grad_ws, grad_bs
 
 
 mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+class EagerMLP(torch.autograd.Function):
+    """mlp_fwd and its autograd without the op machinery (plain eager mode; see EagerDense).
+    Flat arguments: ``apply(x, activation, param, save, backend, n, *weights, *biases)`` (an
+    empty tensor for a missing bias); returns the output and, like the op, the kept tensors."""
+
+    @staticmethod
+    def forward(ctx, x, activation, param, save, backend, n, *params):
+        weights, biases = list(params[:n]), list(params[n:])
+        out, saved = _mlp_forward_impl(x, weights, biases, activation, param, save, backend)
+        _mlp_setup_context(ctx, (x, weights, biases, activation, param, save, backend), (out, saved))
+        ctx.eager = True
+        return (out, *saved)
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_saved):
+        gx, gws, gbs, *_ = _mlp_backward(ctx, grad_out, list(grad_saved))
+        return (gx, None, None, None, None, None, *gws, *gbs)

@@ -26,14 +26,15 @@ def _check_tensor(fn: str, name: str, t: Any) -> None:
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)  # exact types: subclasses take the full checks
 
 
 def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> None:
     # The common valid call in a few comparisons; anything else gets the full checks below.
     if (
-        type(x) is Tensor
-        and type(weight) is Tensor
-        and (bias is None or type(bias) is Tensor)
+        type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and (bias is None or type(bias) in _PLAIN)
         and x.dtype in _FLOATS
         and weight.dtype is x.dtype
         and weight.dim() == 2
@@ -229,6 +230,25 @@ def dense(
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _mlp_runner(backend: str, save: bool):
+    """run(path, x, weights, biases, act, training) for the MLP's dispatcher paths in eager mode:
+    ``fused`` (the backend's MLP; biases are tensors, empty for none) or ``unfused``."""
+
+    def run(path, x, weights, biases, act, training):
+        if path == chooser.UNFUSED:
+            last = len(weights) - 1
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                x = torch.nn.functional.linear(x, w, b if b.numel() else None)
+                x = act(x) if i < last else x
+            return x
+        if not training:
+            return _ops._mlp_forward_impl(x, weights, biases, act.name, act.param, False, backend)[0]
+        n = len(weights)
+        return _ops.EagerMLP.apply(x, act.name, act.param, save, backend, n, *weights, *biases)[0]
+
+    return run
+
+
 def mlp(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -272,23 +292,26 @@ def mlp(
             raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
         probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
     name = _backends.select(backend, x.device.type, x.dtype)
-    if any(0 in w.shape for w in weights) or _route(x, *weights, *biases) == COMPOSITE:
+    route = _route(x, *weights, *biases)
+    if any(0 in w.shape for w in weights) or route == COMPOSITE:
         for i, (w, b) in enumerate(zip(weights, biases)):
             x = (act if i < last else resolve(None))(torch.nn.functional.linear(x, w, b))
         return x
     flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *weights, *biases)
     )
-    out, _ = _ops.mlp_fwd(
-        x if flat else x.reshape(-1, x.shape[-1]),
-        weights,
-        # a missing bias is an empty tensor: the op's autograd needs a list of tensors to return
-        # one gradient per bias (a list holding None is a single leaf to it)
-        [x.new_empty(0) if b is None else b for b in biases],
-        act.name,
-        act.param,
-        needs_grad and not checkpoint,
-        name,
-    )
+    # a missing bias is an empty tensor: the op's autograd needs a list of tensors to return one
+    # gradient per bias (a list holding None is a single leaf to it)
+    biases = [x.new_empty(0) if b is None else b for b in biases]
+    save = needs_grad and not checkpoint
+    if route == EAGER:
+        path = chooser.FUSED
+        if not checkpoint and not _explicit(backend) and chooser.measuring():
+            mode = chooser.mlp_mode(x, needs_grad)
+            path = chooser.choose_mlp(x2, weights, biases, act, mode, _mlp_runner(name, save))
+        out = _mlp_runner(name, save)(path, x2, weights, biases, act, needs_grad)
+    else:
+        out, _ = _ops.mlp_fwd(x2, weights, biases, act.name, act.param, save, name)
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

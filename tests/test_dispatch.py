@@ -22,7 +22,7 @@ def fresh(monkeypatch):
     chooser._decisions.update(saved)
 
 
-def _slow(path_name: str, monkeypatch, seconds: float = 1.0):
+def _slow(path_name: str, monkeypatch, seconds: float = 1.0, run_path=None):
     """functional._run with one path made slow (a fake slow candidate): the dispatcher's timer
     adds ``seconds`` to every timed call of that path. (A real sleep or busy wait would also slow
     whichever candidate runs next on this 2-core machine, through the thread pools' wake-up.)"""
@@ -38,7 +38,7 @@ def _slow(path_name: str, monkeypatch, seconds: float = 1.0):
 
     def run(path, *args):
         state["slow"] = state["slow"] or path == path_name
-        return functional._run(path, *args)
+        return (run_path or functional._run)(path, *args)
 
     return run
 
@@ -175,3 +175,102 @@ def test_a_near_tie_goes_to_the_unfused_path():
     assert chooser.pick({"extension": u * (1 - 2 * chooser.MARGIN), "unfused": u}) == "extension"
     assert chooser.pick({"extension": 2.0, "onednn": 0.5, "unfused": u}) == "onednn"
     assert chooser.pick({"extension": 2.0, "unfused": u}) == "unfused"
+
+
+def _mlp_args(widths=(6, 16, 16, 3), m=40, bias=True):
+    x = torch.randn(m, widths[0])
+    ws = [torch.randn(o, i) / i**0.5 for i, o in zip(widths, widths[1:])]
+    bs = [torch.randn(o) if bias else torch.empty(0) for o in widths[1:]]
+    return x, ws, bs
+
+
+@pytest.mark.parametrize("mode", [0, 1, chooser.SECOND_ORDER])
+def test_mlp_a_slow_candidate_is_not_chosen(mode, monkeypatch):
+    x, ws, bs = _mlp_args()
+    act = resolve("silu")
+    runner = functional._mlp_runner(nnfast._backends.select(None, "cpu", x.dtype), mode > 0)
+    for slow in (chooser.FUSED, chooser.UNFUSED):
+        chooser.clear()
+        run = _slow(slow, monkeypatch, run_path=runner)
+        choice = chooser.choose_mlp(x, ws, bs, act, mode, run)
+        assert choice != slow, chooser.report()
+        (d,) = chooser.decisions()
+        assert d.times_ms[slow] >= 1000.0 and "MLP M<=64 6->16->16->3 bias" in d.describe()
+
+
+def test_mlp_keys_separate_what_they_must():
+    act = resolve("gelu")
+    x, ws, bs = _mlp_args()
+    key = chooser.mlp_key(x, ws, bs, act, 1)
+    assert chooser.mlp_key(torch.randn(50, 6), ws, bs, act, 1) == key  # same M bucket (64)
+    x2, ws2, _ = _mlp_args((6, 16, 17, 3))
+    different = [
+        chooser.mlp_key(torch.randn(70, 6), ws, bs, act, 1),  # M bucket
+        chooser.mlp_key(x, ws, bs, act, 0),  # inference
+        chooser.mlp_key(x, ws, bs, act, chooser.SECOND_ORDER),  # through the input gradient
+        chooser.mlp_key(x, ws, [bs[0], torch.empty(0), bs[2]], act, 1),  # bias pattern
+        chooser.mlp_key(x2, ws2, bs, act, 1),  # widths
+        chooser.mlp_key(x, ws, bs, resolve("tanh"), 1),  # activation
+        chooser.mlp_key(x.double(), ws, bs, act, 1),  # dtype
+        chooser.key_of(x, ws[0], bs[0], act, True),  # a dense layer's key
+    ]
+    assert len({key, *different}) == len(different) + 1
+    leaf = torch.randn(4, 6, requires_grad=True)
+    assert chooser.mlp_mode(leaf, True) == chooser.SECOND_ORDER
+    assert chooser.mlp_mode(leaf * 2, True) == 1 and chooser.mlp_mode(leaf, False) == 0
+
+
+def test_fused_mlp_measures_once_and_runs_the_chosen_path(monkeypatch):
+    model = nnfast.FusedMLP(6, [16, 16], 3, activation="silu")
+    x = torch.randn(40, 6)
+    ran = []
+    impl = nnfast._ops._mlp_forward_impl
+
+    def counting(*a):
+        ran.append("fused")
+        return impl(*a)
+
+    monkeypatch.setattr(nnfast._ops, "_mlp_forward_impl", counting)
+    want = _eager_mlp(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+        (d,) = [d for d in chooser.decisions() if d.key[0] == "mlp"]
+        ran.clear()
+        for choice in (chooser.FUSED, chooser.UNFUSED):
+            chooser._decisions[d.key] = chooser.Decision(d.key, choice, d.times_ms)
+            torch.testing.assert_close(model(x), want)
+            assert ran == (["fused"] if choice == chooser.FUSED else []), choice
+            ran.clear()
+    # measuring off: always nnfast's MLP op (the fixed order), nothing measured
+    chooser.clear()
+    nnfast.set_dispatch("fixed")
+    try:
+        xg = x.clone().requires_grad_()
+        model(xg).sum().backward()
+        assert ran == ["fused"] and chooser.decisions() == []
+    finally:
+        nnfast.set_dispatch("measure")
+
+
+def _eager_mlp(model, x):
+    for i, layer in enumerate(model.layers):
+        x = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        x = model.activation(x) if i < len(model.layers) - 1 else x
+    return x
+
+
+def test_mlp_decisions_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("NNFAST_DISPATCH_CACHE", "1")
+    monkeypatch.setenv("NNFAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(chooser, "_disk_loaded", set())
+    model = nnfast.FusedMLP(6, [16], 3, activation="tanh", bias=False)
+    with torch.no_grad():
+        model(torch.randn(5, 6))
+    (made,) = chooser.decisions()
+    chooser.clear()
+    monkeypatch.setattr(chooser, "_disk_loaded", set())
+    monkeypatch.setattr(chooser, "time_paths", lambda *a: pytest.fail("measured again"))
+    with torch.no_grad():
+        model(torch.randn(5, 6))
+    (loaded,) = chooser.decisions()
+    assert loaded.key == made.key and loaded.choice == made.choice

@@ -50,17 +50,24 @@ class Decision:
     times_ms: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        device, dtype, act, param, training, bias, m, n, k = self.key
-        dtype = str(dtype).replace("torch.", "")
-        mode = "train" if training else "infer"
         times = ", ".join(
             f"{p} {t:.4f} ms" for p, t in sorted(self.times_ms.items(), key=lambda i: i[1])
         )
-        name = act if act != "leaky_relu" else f"leaky_relu({param})"
-        return (
-            f"{device} {dtype} {name} {mode} M<={m} N={n} K={k}{' bias' if bias else ''}:"
-            f" {self.choice} ({times})"
-        )
+        return f"{describe_key(self.key)}: {self.choice} ({times})"
+
+
+def describe_key(key: tuple) -> str:
+    if key[0] == "mlp":
+        _, device, dtype, act, param, training, m, k, widths, biases = key
+        shape = f"MLP M<={m} {'->'.join(str(w) for w in (k, *widths))}"
+        bias = " bias" if all(biases) else " some biases" if any(biases) else ""
+    else:
+        device, dtype, act, param, training, bias, m, n, k = key
+        shape, bias = f"M<={m} N={n} K={k}", " bias" if bias else ""
+    dtype = str(dtype).replace("torch.", "")
+    name = act if act != "leaky_relu" else f"leaky_relu({param})"
+    mode = ("infer", "train", "train through input grad")[int(training)]
+    return f"{device} {dtype} {name} {mode} {shape}{bias}"
 
 
 def set_dispatch(mode: str) -> None:
@@ -153,20 +160,37 @@ def measure(
 ) -> Decision:
     """Times every candidate on this call's tensors (interleaved rounds, medians)."""
     paths = candidates(x, act, training)
-    inputs = [t.detach() if t is not None else None for t in (x, weight, bias)]
+    def run(path, x, weight, bias, training):
+        return run_path(path, x, weight, bias, act, training)
+
+    times = time_paths(paths, x, [x, weight, bias], training, run)
+    return Decision(key, pick(times), times)
+
+
+def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -> dict:
+    """Median milliseconds per call of ``run(path, *tensors, training)`` for every path,
+    interleaved rounds; training calls take the gradients of every tensor, as a training step;
+    ``training=SECOND_ORDER`` times a step through the input gradient (create_graph=True, then
+    the parameters' gradients of a penalty on it), as SDF, PINN and gradient-penalty steps do."""
+    inputs = [t.detach() if t is not None else None for t in tensors]
     # training: leaves made once, gradients by autograd.grad, as a training step would
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
-    wrt = [t for t in leaves if t is not None]
+    leaves = [t.clone().requires_grad_() if t is not None and t.numel() else t for t in inputs]
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
     grad = None
 
     def call(path):
         nonlocal grad
         if not training:
             with torch.no_grad():
-                return run_path(path, *inputs, act, False)
-        out = run_path(path, *leaves, act, True)
+                return run(path, *inputs, False)
+        out = run(path, *leaves, True)
         if grad is None:
             grad = torch.randn_like(out)
+        if training == SECOND_ORDER:
+            # a penalty on the input gradient and a data term on the output, as a PINN or SDF loss
+            (gx,) = torch.autograd.grad(out, leaves[0], grad, create_graph=True)
+            loss = gx.square().sum() + (out * grad).sum()
+            return torch.autograd.grad(loss, wrt[1:], allow_unused=True)
         return torch.autograd.grad(out, wrt, grad)
 
     samples: dict[str, list[float]] = {p: [] for p in paths}
@@ -181,8 +205,7 @@ def measure(
                 samples[p].append(_timed(lambda p=p: call(p), x))
             if r >= 2 and time.perf_counter() > deadline:
                 break
-    times = {p: statistics.median(s) * 1e3 for p, s in samples.items()}
-    return Decision(key, pick(times), times)
+    return {p: statistics.median(s) * 1e3 for p, s in samples.items()}
 
 
 def pick(times_ms: dict[str, float]) -> str:
@@ -198,12 +221,63 @@ def choose(
 ) -> str:
     """The path for an automatic call (no explicit backend): measured once per key."""
     key = key_of(x, weight, bias, act, training)
+    return _decide(key, x, lambda: measure(key, x, weight, bias, act, training, run_path))
+
+
+FUSED = "fused"
+# the MLP key's training field: inference, a training step, or a step through the input gradient
+SECOND_ORDER = 2
+
+
+def mlp_mode(x: Tensor, needs_grad: bool) -> int:
+    """A leaf input that requires grad is the mark of the workloads that differentiate through
+    the input gradient (coordinate networks fitted with eikonal or PDE terms, gradient penalties):
+    their steps are timed with the second-order pass."""
+    if not needs_grad:
+        return 0
+    return SECOND_ORDER if x.requires_grad and x.is_leaf else 1
+
+
+def mlp_key(x: Tensor, weights: list[Tensor], biases: list[Tensor], act, training: int) -> tuple:
+    return (
+        "mlp",
+        x.device,
+        x.dtype,
+        act.act.name,
+        act.param,
+        training,
+        m_bucket(x.shape[0]),
+        x.shape[1],
+        tuple(w.shape[0] for w in weights),
+        tuple(b.numel() > 0 for b in biases),
+    )
+
+
+def choose_mlp(x: Tensor, weights: list, biases: list, act, training: int, run_path) -> str:
+    """``fused`` (nnfast's MLP op: one tensor kept per hidden layer, whole-MLP kernels where the
+    backend has them) or ``unfused`` (PyTorch layer by layer), measured once per key."""
+    key = mlp_key(x, weights, biases, act, training)
+
+    def measure_mlp():
+        n = len(weights)
+
+        def run(path, x, *rest):
+            *params, grads = rest
+            return run_path(path, x, list(params[:n]), list(params[n:]), act, grads)
+
+        times = time_paths([FUSED, UNFUSED], x, [x, *weights, *biases], training, run)
+        return Decision(key, pick(times), times)
+
+    return _decide(key, x, measure_mlp)
+
+
+def _decide(key: tuple, x: Tensor, measure_fn) -> str:
     decision = _decisions.get(key)
     if decision is None:
         _load_disk(x)
         decision = _decisions.get(key)
     if decision is None:
-        decision = measure(key, x, weight, bias, act, training, run_path)
+        decision = measure_fn()
         _decisions[key] = decision
         if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
             print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
@@ -243,8 +317,10 @@ def _load_disk(x: Tensor) -> None:
     _disk_loaded.add(str(path))
     if path.exists():
         for row in json.loads(path.read_text()):
-            device, dtype, *rest = row["key"]
-            key = (torch.device(device), getattr(torch, dtype), *rest)
+            head = row["key"][:1] if row["key"][0] == "mlp" else []
+            device, dtype, *rest = row["key"][len(head) :]
+            rest = [tuple(v) if isinstance(v, list) else v for v in rest]
+            key = (*head, torch.device(device), getattr(torch, dtype), *rest)
             _decisions.setdefault(key, Decision(key, row["choice"], row["times_ms"]))
 
 
@@ -255,13 +331,19 @@ def _save_disk(x: Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [
         {
-            "key": [str(d.key[0]), str(d.key[1])[6:], *d.key[2:]],
+            "key": _key_json(d.key),
             "choice": d.choice,
             "times_ms": d.times_ms,
         }
         for d in _decisions.values()
     ]
     path.write_text(json.dumps(rows))
+
+
+def _key_json(key: tuple) -> list:
+    head = list(key[:1]) if key[0] == "mlp" else []
+    device, dtype, *rest = key[len(head) :]
+    return [*head, str(device), str(dtype)[6:], *rest]
 
 
 def unfused(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> Tensor:

@@ -132,11 +132,15 @@ def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     if dtype not in _DTYPES:
         return f"the extension backend supports float32, float64, float16 and bfloat16, got {dtype}"
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "nnfast_ext::dense_fwd", key
-    ):
+    if key is None or not _has_kernel("nnfast_ext::dense_fwd", key):
         return f"nnfast._C was built without {device_type} kernels"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, key: str) -> bool:
+    # asked on every call; the answer is fixed once nnfast._C is loaded (it is loaded by then)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 # oneDNN inner product with the activation as a post-op: on CPU it beats GEMM + epilogue pass
@@ -224,7 +228,7 @@ def fused_mlp_supported(
         and len(widths) >= 3
         and max(widths) <= MAX_FUSED_WIDTH
         and dtype == torch.float32
-        and torch._C._dispatch_has_kernel_for_dispatch_key("nnfast_ext::mlp_fwd", "CPU")
+        and _has_kernel("nnfast_ext::mlp_fwd", "CPU")
     )
 
 

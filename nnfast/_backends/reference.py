@@ -25,8 +25,13 @@ def forward(
     return out, (pre if save else pre.new_empty(0))
 
 
-def grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
+def grad_pre(
+    grad_out: Tensor, saved: Tensor, act: ActivationSpec, differentiable: bool = False
+) -> Tensor:
     """dL/dpre = dL/dy * f'(pre), computed in float32 for 16-bit dtypes, returned in their dtype.
+
+    ``differentiable``: from the table's f' in PyTorch math, never PyTorch's fused activation
+    backward kernels (silu_backward has no derivative): for create_graph=True backwards.
 
     Gated rows: saved is the (M, 2h) pre-activation [gate, up] and y = base(gate) * up, so
     dL/dgate = dL/dy * up * base'(gate) and dL/dup = dL/dy * base(gate).
@@ -39,7 +44,7 @@ def grad_pre(grad_out: Tensor, saved: Tensor, act: ActivationSpec) -> Tensor:
         g = grad_out.to(compute)
         base = act.base
         return torch.cat([g * up * base.grad(gate), g * base(gate)], dim=-1).to(grad_out.dtype)
-    if act.act.vjp is not None:
+    if act.act.vjp is not None and not differentiable:
         return act.act.vjp(grad_out, saved, act.param)
     return (grad_out.to(compute) * act.grad(saved.to(compute))).to(grad_out.dtype)
 
