@@ -114,7 +114,8 @@ def providers(device: str, activation: str, dtype: torch.dtype) -> dict[str, tup
     return out
 
 
-def measure(fn, mode: str, sets: Callable, device: str, min_run_time: float):
+def measure(fn, mode: str, sets: Callable) -> Callable[[], object]:
+    """The call that one timing of ``mode`` makes."""
     # "bwd" replays one graph's backward (retain_graph=True), which compiled graphs with donated
     # buffers refuse; donation saves memory, not backward time, so it is off for this script.
     torch._functorch.config.donated_buffer = False
@@ -141,7 +142,7 @@ def measure(fn, mode: str, sets: Callable, device: str, min_run_time: float):
             x, w, b, g = sets()
             return torch.autograd.grad(fn(x, w, b), (x, w, b), g)
 
-    return harness.time_fn(run, device, min_run_time), harness.peak_memory_mb(run, device)
+    return run
 
 
 def main(argv=None) -> list[harness.Row]:
@@ -172,10 +173,14 @@ def main(argv=None) -> list[harness.Row]:
             return x, w, b, g
 
         sets = harness.rotating(make, (m * k + n * k + 2 * m * n) * dtype.itemsize)
-        for name, (fn, has_bwd) in providers(opt.device, activation, dtype).items():
-            if mode != "fwd" and not has_bwd:
-                continue
-            t, peak = measure(fn, mode, sets, opt.device, opt.min_run_time)
+        runs = {
+            name: measure(fn, mode, sets)
+            for name, (fn, has_bwd) in providers(opt.device, activation, dtype).items()
+            if mode == "fwd" or has_bwd
+        }
+        timings = harness.time_interleaved(runs, opt.device, opt.min_run_time)
+        for name, run in runs.items():
+            t, peak = timings[name], harness.peak_memory_mb(run, opt.device)
             flops = FLOPS_PER_MAC[mode] * m * k * n
             harness.record(
                 rows,

@@ -1,7 +1,8 @@
 """The one benchmark harness: timing, memory, machine record, markdown/CSV/PNG output.
 
-CPU timings use torch.utils.benchmark.Timer.blocked_autorange (median and IQR over blocks);
-GPU timings use triton.testing.do_bench (median, 20th/80th percentiles). Ratios between providers
+CPU timings interleave the providers of one row round by round (``time_interleaved``: median and
+IQR over rounds), so the machine's drift hits all of them alike; GPU timings use
+triton.testing.do_bench (median, 20th/80th percentiles). Ratios between providers
 are meaningful only within one run; absolute times hold only for the machine recorded beside them.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import csv
 import datetime as _dt
 import platform
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,6 +77,40 @@ def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0) ->
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return Timing(m.median * 1e3, m.iqr * 1e3)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: str, min_run_time: float = 1.0, rounds: int = 15
+) -> dict[str, Timing]:
+    """Median time per call of every provider, measured side by side: on the CPU in ``rounds``
+    rounds, each timing every provider in turn for about ``min_run_time / rounds`` seconds (so the
+    machine's drift and other tenants hit all providers alike); median and interquartile range
+    over the rounds. On a GPU each provider goes through ``time_fn`` (do_bench is stable there)."""
+    if device == "cuda":
+        return {name: time_fn(fn, device, min_run_time) for name, fn in fns.items()}
+    import time
+
+    calls = {}
+    for name, fn in fns.items():  # warm-up, and how many calls fill one slice
+        fn()
+        start, n = time.perf_counter(), 0
+        while n < 1 or time.perf_counter() - start < 0.02:
+            fn()
+            n += 1
+        per_call = (time.perf_counter() - start) / n
+        calls[name] = max(1, int(min_run_time / rounds / per_call))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name] * 1e3)
+    out = {}
+    for name, ms in samples.items():
+        q = statistics.quantiles(ms, n=4)
+        out[name] = Timing(statistics.median(ms), q[2] - q[0])
+    return out
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:

@@ -31,7 +31,9 @@ enum Act : int {
   SWIGLU = 9,
   GEGLU = 10,
   REGLU = 11,
-  NUM_ACTS = 12,
+  // x * sigmoid(1.702 x) (CLIP's quick_gelu); after the gated codes
+  QUICK_GELU = 12,
+  NUM_ACTS = 13,
 };
 
 // The elementwise activation of a gated code, or -1 for an elementwise code.
@@ -44,6 +46,7 @@ constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kInvSqrt2 = 0.7071067811865476;
 constexpr double kInvSqrt2Pi = 0.3989422804014327;
 constexpr double kGeluTanhKappa = 0.044715;
+constexpr double kQuickGeluAlpha = 1.702;
 
 // Per-type primitives. select_pos(s, a, b) = s > 0 ? a : b and select_neg(s, a, b) = s < 0 ? a : b;
 // both pick b for NaN, which is what makes relu(NaN) = NaN and relu'(NaN) = 0, as in PyTorch.
@@ -98,6 +101,8 @@ NNFAST_HD T act_forward(T x, T param) {
   } else if constexpr (ACT == SQUARED_RELU) {
     T r = M::select_neg(x, M::splat(0.f), x);
     return r * r;
+  } else if constexpr (ACT == QUICK_GELU) {
+    return x * sigmoid(M::splat(kQuickGeluAlpha) * x);
   } else {
     return x;
   }
@@ -143,6 +148,10 @@ NNFAST_HD T act_grad(T s, T param) {
   } else if constexpr (ACT == SQUARED_RELU) {
     // d/dx relu(x)^2 = 2 relu(x)
     return M::splat(2.f) * M::select_neg(s, M::splat(0.f), s);
+  } else if constexpr (ACT == QUICK_GELU) {
+    // d/dx x sigma(a x) = sigma (1 + a x (1 - sigma)), a = 1.702
+    T sg = sigmoid(M::splat(kQuickGeluAlpha) * s);
+    return sg * (M::splat(1.f) + M::splat(kQuickGeluAlpha) * s * (M::splat(1.f) - sg));
   } else {
     return M::splat(1.f);
   }
@@ -161,6 +170,7 @@ void dispatch_act(int act, F&& f) {
     case SIGMOID: f(std::integral_constant<int, SIGMOID>{}); break;
     case TANH: f(std::integral_constant<int, TANH>{}); break;
     case SQUARED_RELU: f(std::integral_constant<int, SQUARED_RELU>{}); break;
+    case QUICK_GELU: f(std::integral_constant<int, QUICK_GELU>{}); break;
     default: f(std::integral_constant<int, IDENTITY>{}); break;
   }
 }

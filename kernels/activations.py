@@ -16,11 +16,12 @@ SILU: tl.constexpr = tl.constexpr(5)
 SIGMOID: tl.constexpr = tl.constexpr(6)
 TANH: tl.constexpr = tl.constexpr(7)
 SQUARED_RELU: tl.constexpr = tl.constexpr(8)
+QUICK_GELU: tl.constexpr = tl.constexpr(12)  # 9-11 are the gated rows (their base is applied)
 
 # Float constants are written as literals in the functions below: a module-level constexpr
 # multiplied with a tensor is mis-typed by the Triton 3.9 interpreter.
 # sqrt(2/pi) = 0.7978845608028654, 1/sqrt(2) = 0.7071067811865476,
-# 1/sqrt(2 pi) = 0.3989422804014327, gelu_tanh's kappa = 0.044715.
+# 1/sqrt(2 pi) = 0.3989422804014327, gelu_tanh's kappa = 0.044715, quick_gelu's alpha = 1.702.
 
 
 @triton.jit
@@ -61,6 +62,8 @@ def apply(x, param, ACT: tl.constexpr):
     elif ACT == SQUARED_RELU:
         r = tl.where(x < 0, 0.0, x)
         y = r * r
+    elif ACT == QUICK_GELU:
+        y = x * tl.sigmoid(1.702 * x)
     else:
         y = x
     return y
@@ -98,6 +101,10 @@ def grad(s, param, ACT: tl.constexpr):
     elif ACT == SQUARED_RELU:
         # d/dx relu(x)^2 = 2 relu(x)
         d = 2.0 * tl.maximum(s, 0.0)
+    elif ACT == QUICK_GELU:
+        # d/dx x sigma(a x) = sigma (1 + a x (1 - sigma)), a = 1.702
+        sg = tl.sigmoid(1.702 * s)
+        d = sg * (1.0 + 1.702 * s * (1.0 - sg))
     else:
         d = s * 0.0 + 1.0
     return d

@@ -5,6 +5,7 @@ from nnfast._backends.chooser import report as dispatch_report
 from nnfast._backends.chooser import set_dispatch
 from nnfast.activations import NAMES as ACTIVATIONS
 from nnfast.functional import dense, mlp
+from nnfast.fuse import fuse, fuse_report, unfuse
 from nnfast.modules import FusedDense, FusedMLP
 
 __all__ = [
@@ -14,7 +15,10 @@ __all__ = [
     "available_backends",
     "dense",
     "dispatch_report",
+    "fuse",
+    "fuse_report",
     "mlp",
     "set_dispatch",
+    "unfuse",
 ]
 __version__ = "0.1.0"

@@ -48,6 +48,22 @@ def _silu_grad(x: Tensor, _: float) -> Tensor:
     return s * (1.0 + x * (1.0 - s))
 
 
+_QUICK_GELU_ALPHA = 1.702
+
+
+def _quick_gelu_grad(x: Tensor, _: float) -> Tensor:
+    # d/dx x s(a x) = s (1 + a x (1 - s)), s = sigmoid(a x)
+    s = torch.sigmoid(_QUICK_GELU_ALPHA * x)
+    return s * (1.0 + _QUICK_GELU_ALPHA * x * (1.0 - s))
+
+
+def _quick_gelu_grad2(x: Tensor, _: float) -> Tensor:
+    # a s (1 - s) (2 + a x (1 - 2 s))
+    a = _QUICK_GELU_ALPHA
+    s = torch.sigmoid(a * x)
+    return a * s * (1.0 - s) * (2.0 + a * x * (1.0 - 2.0 * s))
+
+
 def _gelu_grad2(x: Tensor, _: float) -> Tensor:
     # d/dx (Phi(x) + x phi(x)) = 2 phi(x) + x phi'(x) = phi(x) (2 - x^2)
     return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x)
@@ -181,6 +197,14 @@ TABLE: tuple[Activation, ...] = (
         grad=lambda x, p: 2.0 * F.relu(x),
         grad2=lambda x, p: 2.0 * (x > 0).to(x.dtype),
         aliases=("relu2", "relu_squared"),
+    ),
+    Activation(
+        "quick_gelu",
+        12,  # after the gated rows' 9-11
+        # x * sigmoid(1.702 x): CLIP's activation (transformers' QuickGELUActivation)
+        fn=lambda x, p: x * torch.sigmoid(_QUICK_GELU_ALPHA * x),
+        grad=_quick_gelu_grad,
+        grad2=_quick_gelu_grad2,
     ),
 )
 
@@ -343,3 +367,38 @@ def resolve(activation: Any) -> ActivationSpec:
         raise _unknown(activation)
     act = BY_NAME[name]
     return ActivationSpec(act, act.default_param)
+
+
+class Activation(nn.Module):
+    """A table row as a module (for the rows torch has no module for: squared_relu, quick_gelu,
+    gated rows)."""
+
+    def __init__(self, activation: Any) -> None:
+        super().__init__()
+        self.spec = resolve(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.spec(x)
+
+    def extra_repr(self) -> str:
+        return repr(self.spec)
+
+
+def as_module(activation: Any) -> nn.Module:
+    """The torch module computing an activation (``nn.GELU()``, ``nn.LeakyReLU(0.2)``, ...), or
+    an ``Activation`` module where torch has none."""
+    spec = resolve(activation)
+    name = spec.name
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "leaky_relu":
+        return nn.LeakyReLU(spec.param)
+    simple = {
+        "identity": nn.Identity,
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "silu": nn.SiLU,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+    }
+    return simple[name]() if name in simple else Activation(spec)

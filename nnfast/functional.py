@@ -112,9 +112,14 @@ def _route(*tensors: Tensor | None) -> int:
     forward-mode AD (``torch.autograd.forward_ad`` dual tensors): custom ops have no forward-mode
     rule and no torch.func support, so the op would return a zero tangent or fail, while plain
     PyTorch ops (the reference math) work under every transform. OP under torch.compile and under
-    dispatch or function modes (FakeTensor, export, FlopCounter, a device context, ...), which must
-    see the custom op. EAGER otherwise: nnfast.dense calls its backend directly.
+    dispatch or function modes (FakeTensor, FlopCounter, a device context, ...), which must see the
+    custom op; COMPOSITE again under torch.export (and so torch.onnx.export), whose programs must
+    run without nnfast. EAGER otherwise: nnfast.dense calls its backend directly.
     """
+    if torch.compiler.is_exporting():
+        # torch.export / torch.onnx.export: standard ops, so the exported program runs anywhere
+        # (ONNX Runtime, ExecuTorch, AOTInductor) without nnfast
+        return COMPOSITE
     if torch.compiler.is_compiling():
         return OP
     if torch._C._are_functorch_transforms_active():

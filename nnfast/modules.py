@@ -150,6 +150,61 @@ class FusedMLP(nn.Module):
         return False
 
     @classmethod
+    def from_sequential(cls, seq: nn.Sequential, checkpoint: bool = False) -> FusedMLP:
+        """A FusedMLP with a copy of the weights of ``nn.Sequential(Linear, act, Linear, act, ...,
+        Linear)`` (one activation throughout; any module nnfast recognises, see nnfast.fuse)."""
+        from nnfast.fuse import activation_of
+
+        mods = list(seq)
+        linears, acts = mods[0::2], [activation_of(m) for m in mods[1::2]]
+        if (
+            len(mods) < 3
+            or len(mods) % 2 == 0
+            or any(type(m) is not nn.Linear for m in linears)
+            or any(a is None or a != acts[0] for a in acts)
+            or len({m.bias is None for m in linears}) != 1
+        ):
+            found = ", ".join(type(m).__name__ for m in mods) or "nothing"
+            raise ValueError(
+                "FusedMLP.from_sequential(): expected nn.Sequential(Linear, act, Linear, act, ...,"
+                f" Linear) with one activation nnfast has and biases on all or none; got {found}"
+            )
+        first = linears[0]
+        model = cls(
+            first.in_features,
+            [m.out_features for m in linears[:-1]],
+            linears[-1].out_features,
+            activation=acts[0],
+            bias=first.bias is not None,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+            checkpoint=checkpoint,
+        )
+        for dst, src in zip(model.layers, linears):
+            dst.load_state_dict(src.state_dict())
+        return model
+
+    def to_sequential(self) -> nn.Sequential:
+        """``nn.Sequential(Linear, act, ..., Linear)`` with a copy of the weights (plain PyTorch
+        modules; an activation torch has no module for runs as ``nnfast.activations.Activation``)."""
+        from nnfast.activations import as_module
+
+        mods: list[nn.Module] = []
+        for i, layer in enumerate(self.layers):
+            linear = nn.Linear(
+                layer.in_features,
+                layer.weight.shape[0],
+                bias=layer.bias is not None,
+                device=layer.weight.device,
+                dtype=layer.weight.dtype,
+            )
+            linear.load_state_dict(layer.state_dict())
+            mods.append(linear)
+            if i < len(self.layers) - 1:
+                mods.append(as_module(self.activation))
+        return nn.Sequential(*mods)
+
+    @classmethod
     def from_gated_linears(
         cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, activation: Any = "swiglu"
     ) -> FusedMLP:

@@ -49,15 +49,19 @@ def mlp_table() -> str:
         )
     lines = [
         "| MLP (width x hidden layers x out @ batch) | act"
-        " | fwd+bwd ms: nnfast / checkpoint / eager / compile | nnfast / eager time"
-        " | held for backward MiB: nnfast / checkpoint / eager | nnfast / eager memory |",
+        " | fwd+bwd ms: nnfast / nnfast fused / checkpoint / eager / compile"
+        " | nnfast / eager time | held for backward MiB: nnfast / nnfast fused / checkpoint / eager"
+        " | nnfast fused / eager memory |",
         "|---|---|---|---|---|---|",
     ]
     for (shape, act), d in by.items():
-        f, c, e, co = d["nnfast"], d["nnfast-checkpoint"], d["eager"], d["compile"]
+        f, fx, c, e, co = (
+            d[p] for p in ("nnfast", "nnfast-fused", "nnfast-checkpoint", "eager", "compile")
+        )
         lines.append(
-            f"| {shape} | {act} | {f[0]:.1f} / {c[0]:.1f} / {e[0]:.1f} / {co[0]:.1f}"
-            f" | {f[0] / e[0]:.2f}x | {f[1]:.0f} / {c[1]:.0f} / {e[1]:.0f} | {f[1] / e[1]:.2f}x |"
+            f"| {shape} | {act} | {f[0]:.1f} / {fx[0]:.1f} / {c[0]:.1f} / {e[0]:.1f} / {co[0]:.1f}"
+            f" | {f[0] / e[0]:.2f}x | {f[1]:.0f} / {fx[1]:.0f} / {c[1]:.0f} / {e[1]:.0f}"
+            f" | {fx[1] / e[1]:.2f}x |"
         )
     return "\n".join(lines)
 
