@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
 	$(PY) benchmarks/bench_mlp.py
 	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_fuse.py
 
 # On a GPU machine with torch/triton already installed: build, test, benchmark; installs nothing
 gpu-check:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from nnfast._backends import chooser
 from nnfast.activations import TABLE, ActivationSpec, resolve
 from nnfast.functional import dense, mlp
 from nnfast.modules import FusedDense
@@ -244,7 +245,7 @@ def _probe_outputs(module: nn.Module, x: Tensor) -> list:
     modes = {m: m.training for m in module.modules()}
     outs = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), chooser.fixed():  # no dispatcher decisions at the probe's shape
             for train in (True, False):
                 for m, was in modes.items():
                     m.train(was and train)

@@ -63,3 +63,19 @@ def test_bench_overhead_runs(capsys):
     results = bench_overhead.main(["--rounds", "2", "--calls", "5"])
     assert {("infer", "eager"), ("train", "FusedDense")} <= set(results)
     assert "vs eager" in capsys.readouterr().out
+
+
+def test_bench_fuse_runs(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("transformers")
+    import bench_fuse
+
+    rows = bench_fuse.main(
+        ["--models", "bert", "--batch", "1", "--seq", "8", "--min-run-time", "0.02", "--out-dir", str(tmp_path)]
+    )
+    assert {(r.provider, r.mode) for r in rows} == {
+        (p, m) for p in ("transformers", "nnfast.fuse") for m in ("inference", "train step")
+    }
+    assert "nnfast.fuse: 3 fused" in capsys.readouterr().out
+    assert (tmp_path / "bench_fuse.csv").exists()

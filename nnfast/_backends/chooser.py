@@ -16,6 +16,7 @@ Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -76,6 +77,17 @@ def set_dispatch(mode: str) -> None:
     if mode not in ("measure", "fixed"):
         raise ValueError(f"set_dispatch(): mode must be 'measure' or 'fixed', got {mode!r}")
     _mode = mode
+
+
+@contextlib.contextmanager
+def fixed():
+    """No measuring inside (e.g. probe calls at throwaway shapes); the previous mode after."""
+    global _mode
+    previous, _mode = _mode, "fixed"
+    try:
+        yield
+    finally:
+        _mode = previous
 
 
 def measuring() -> bool:
