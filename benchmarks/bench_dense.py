@@ -223,9 +223,7 @@ def worst_auto_line(rows: list[harness.Row], goal: float = 1.02) -> str:
     if not ratios:
         return "worst nnfast-auto / eager: no rows"
     ratio, spread, (mode, shape, dtype, act) = max(ratios)
-    beyond = [
-        f"{r:.2f}x ±{s:.2f} at {' '.join(k)}" for r, s, k in sorted(ratios) if r - s > goal
-    ]
+    beyond = [f"{r:.2f}x ±{s:.2f} at {' '.join(k)}" for r, s, k in sorted(ratios) if r - s > goal]
     return (
         f"worst nnfast-auto / eager over {len(ratios)} rows: {ratio:.3f}x at {mode} {shape} {dtype}"
         f" {act} (the two rows' spread: ±{spread:.3f}x of eager)\n"

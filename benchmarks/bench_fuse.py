@@ -68,19 +68,21 @@ def main(argv=None) -> list[harness.Row]:
         ids = torch.randint(0, 1000, (opt.batch, opt.seq), device=opt.device)
         opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (plain, fused)}
 
-        def infer(m):
+        def infer(m, ids=ids):
             def run():
                 with torch.no_grad():
                     return m(input_ids=ids).logits
 
             return run
 
-        def train(m):
+        def train(m, ids=ids, opt_of=opts):
+            opt = opt_of[m]
+
             def run():
                 loss = m(input_ids=ids, labels=ids).loss
-                opts[m].zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opts[m].step()
+                opt.step()
 
             return run
 

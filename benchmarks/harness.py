@@ -90,7 +90,7 @@ def time_interleaved(
         return {name: time_fn(fn, device, min_run_time) for name, fn in fns.items()}
     import time
 
-    calls = {}
+    calls, slowest = {}, 0.0
     for name, fn in fns.items():  # warm-up, and how many calls fill one slice
         fn()
         start, n = time.perf_counter(), 0
@@ -99,6 +99,9 @@ def time_interleaved(
             n += 1
         per_call = (time.perf_counter() - start) / n
         calls[name] = max(1, int(min_run_time / rounds / per_call))
+        slowest = max(slowest, per_call)
+    # calls slower than a slice: fewer rounds (at least 5), about 3x min_run_time per provider
+    rounds = max(5, min(rounds, int(3 * min_run_time / slowest)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

@@ -68,7 +68,9 @@ def boundary(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     # arc-length weights: pieces were sampled with equal counts
     lengths = [2 * hx, 2 * hx, 2 * hy, 2 * hy] + [r * math.pi / 2] * 4 + [2 * math.pi * 0.15]
     weights = torch.cat([torch.full((len(t),), ell / len(t)) for ell in lengths])
-    idx = torch.multinomial(weights, n, replacement=True, generator=torch.Generator().manual_seed(1))
+    idx = torch.multinomial(
+        weights, n, replacement=True, generator=torch.Generator().manual_seed(1)
+    )
     return pts[idx].float().to(device), nrm[idx].float().to(device), pts, nrm
 
 
@@ -176,7 +178,11 @@ def main(argv=None) -> dict:
     eager = eager_copy(auto, args.activation)
     # nnfast as shipped (the dispatcher measures the fused MLP against PyTorch and keeps the
     # faster), nnfast with measuring off (its fused MLP op always), and the eager reference
-    runs = {"nnfast": (auto, "measure"), "nnfast fused": (fused, "fixed"), "eager": (eager, "fixed")}
+    runs = {
+        "nnfast": (auto, "measure"),
+        "nnfast fused": (fused, "fixed"),
+        "eager": (eager, "fixed"),
+    }
     result = train(runs, args.steps, args.lr, batches)
 
     axis = torch.linspace(-1, 1, args.grid)
@@ -198,7 +204,8 @@ def main(argv=None) -> dict:
         )
     hist = {name: r[0] for name, r in result.items()}
     gap = max(
-        abs(a - b) / max(abs(b), 1e-12) for a, b in zip(hist["nnfast fused"][:50], hist["eager"][:50])
+        abs(a - b) / max(abs(b), 1e-12)
+        for a, b in zip(hist["nnfast fused"][:50], hist["eager"][:50])
     )
     print(f"largest relative loss gap, fused vs eager, in the first 50 steps: {gap:.2e}")
     print(f"on {dev}, {torch.get_num_threads()} threads; the dispatcher's decisions:")

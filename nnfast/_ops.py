@@ -133,7 +133,9 @@ def _backward(ctx: Any, grad_out: Tensor | None, grad_pre: Tensor | None) -> tup
         weight = saved.new_empty(0, 0)
     grads = [None, None, None]
     if grad_out is not None:
-        grads = dense_bwd(grad_out, x, weight, saved, ctx.activation, ctx.param, *needs, ctx.backend)
+        grads = dense_bwd(
+            grad_out, x, weight, saved, ctx.activation, ctx.param, *needs, ctx.backend
+        )
     if _is_pre_grad(grad_pre):
         # only a double backward differentiates the kept pre-activation (pre = x W^T + b)
         extra = _linear_grads(grad_pre, x, weight, needs)
@@ -273,9 +275,7 @@ class EagerDense(torch.autograd.Function):
             ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[2],
         )
-        grads = layer_grads(
-            grad_out, grad_pre, x, weight, saved, ctx.spec, needs, ctx.backward_fn
-        )
+        grads = layer_grads(grad_out, grad_pre, x, weight, saved, ctx.spec, needs, ctx.backward_fn)
         return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
@@ -518,7 +518,9 @@ class EagerMLP(torch.autograd.Function):
     def forward(ctx, x, activation, param, save, backend, n, *params):
         weights, biases = list(params[:n]), list(params[n:])
         out, saved = _mlp_forward_impl(x, weights, biases, activation, param, save, backend)
-        _mlp_setup_context(ctx, (x, weights, biases, activation, param, save, backend), (out, saved))
+        _mlp_setup_context(
+            ctx, (x, weights, biases, activation, param, save, backend), (out, saved)
+        )
         ctx.eager = True
         return (out, *saved)
 

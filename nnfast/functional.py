@@ -247,7 +247,9 @@ def _mlp_runner(backend: str, save: bool):
                 x = act(x) if i < last else x
             return x
         if not training:
-            return _ops._mlp_forward_impl(x, weights, biases, act.name, act.param, False, backend)[0]
+            return _ops._mlp_forward_impl(x, weights, biases, act.name, act.param, False, backend)[
+                0
+            ]
         n = len(weights)
         return _ops.EagerMLP.apply(x, act.name, act.param, save, backend, n, *weights, *biases)[0]
 

@@ -287,7 +287,9 @@ def _block(path: str, module: nn.Module, report: FuseReport) -> None:
         where = f"{path}.{act_name}".lstrip(".")
         pattern = f"{type(act).__name__} ({spec!r})"
         reason = (
-            "hooks on the activation" if _wrapped(act) else _pair(path, module, act_name, spec, report)
+            "hooks on the activation"
+            if _wrapped(act)
+            else _pair(path, module, act_name, spec, report)
         )
         if reason is None:
             continue
@@ -306,7 +308,9 @@ def _pair(path, module: nn.Module, act_name: str, spec: ActivationSpec, report) 
         if _wrapped(layer):
             reason = f"hooks on {where}"
             continue
-        x = torch.randn(2, 3, _in_features(layer), dtype=layer.weight.dtype, device=layer.weight.device)
+        x = torch.randn(
+            2, 3, _in_features(layer), dtype=layer.weight.dtype, device=layer.weight.device
+        )
         try:
             before = _probe_outputs(module, x)
         except Exception as e:  # noqa: BLE001 - a forward that cannot be probed is left alone

@@ -72,7 +72,18 @@ def test_bench_fuse_runs(tmp_path, capsys):
     import bench_fuse
 
     rows = bench_fuse.main(
-        ["--models", "bert", "--batch", "1", "--seq", "8", "--min-run-time", "0.02", "--out-dir", str(tmp_path)]
+        [
+            "--models",
+            "bert",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--min-run-time",
+            "0.02",
+            "--out-dir",
+            str(tmp_path),
+        ]
     )
     assert {(r.provider, r.mode) for r in rows} == {
         (p, m) for p in ("transformers", "nnfast.fuse") for m in ("inference", "train step")

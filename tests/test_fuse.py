@@ -49,55 +49,93 @@ def _count_nnfast(model, **inputs) -> int:
 
 def _bert():
     cfg = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     return transformers.BertForMaskedLM(cfg), "input_ids"
 
 
 def _gpt2():
     cfg = transformers.GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     return transformers.GPT2LMHeadModel(cfg), "input_ids"
 
 
 def _llama():
     cfg = transformers.LlamaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(cfg), "input_ids"
 
 
 def _gemma():
     cfg = transformers.GemmaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
     )
     return transformers.GemmaForCausalLM(cfg), "input_ids"
 
 
 def _t5():
     cfg = transformers.T5Config(
-        vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        vocab_size=99,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
     )
     return transformers.T5EncoderModel(cfg), "input_ids"
 
 
 def _clip_text():
     cfg = transformers.CLIPTextConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     return transformers.CLIPTextModel(cfg), "input_ids"
 
 
 def _vit():
     cfg = transformers.ViTConfig(
-        image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
     )
     return transformers.ViTModel(cfg), "pixel_values"
 
@@ -178,7 +216,9 @@ def test_fuse_family_matches_and_loses_nothing(name):
     nnfast.unfuse(model)
     assert _count_nnfast(model.eval(), **inputs) == 0
     assert all(a is b for (_, a), b in zip(model.named_parameters(), params.values()))
-    assert not any(isinstance(m, (FusedAway, FusedConv1D, nnfast.FusedDense)) for m in model.modules())
+    assert not any(
+        isinstance(m, (FusedAway, FusedConv1D, nnfast.FusedDense)) for m in model.modules()
+    )
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -237,9 +277,7 @@ def test_fuse_leaves_what_it_cannot_prove_and_says_why():
 
 def test_fuse_sequential_mlp_runs_as_one_mlp_op():
     torch.manual_seed(0)
-    seq = nn.Sequential(
-        nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 3)
-    )
+    seq = nn.Sequential(nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 3))
     ref = copy.deepcopy(seq)
     keys = list(seq.state_dict())
     nnfast.fuse(seq)
@@ -313,7 +351,9 @@ def test_fused_mlp_from_and_to_sequential():
     assert [type(m) for m in back] == [type(m) for m in seq]
     torch.testing.assert_close(back(x), seq(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expected nn.Sequential"):
-        nnfast.FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 2)))
+        nnfast.FusedMLP.from_sequential(
+            nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 2))
+        )
 
 
 def test_fused_models_export_to_onnx_and_run_in_onnxruntime():

@@ -38,8 +38,10 @@ ROUTES = ["eager", "op"]
 
 
 def _route(route: str):
-    return _Passthrough() if route == "op" else torch.autograd.graph.saved_tensors_hooks(
-        lambda t: t, lambda t: t
+    return (
+        _Passthrough()
+        if route == "op"
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     )
 
 
@@ -204,7 +206,9 @@ def test_torch_func_second_order_matches_pytorch():
     batched = torch.func.vmap(torch.func.grad(f))(xs)
     torch.testing.assert_close(batched, torch.func.vmap(torch.func.grad(plain))(xs))
     lap = torch.func.vmap(lambda x: torch.func.hessian(f)(x).trace())(xs)
-    torch.testing.assert_close(lap, torch.func.vmap(lambda x: torch.func.hessian(plain)(x).trace())(xs))
+    torch.testing.assert_close(
+        lap, torch.func.vmap(lambda x: torch.func.hessian(plain)(x).trace())(xs)
+    )
 
 
 def test_third_order_through_dense():
@@ -214,7 +218,7 @@ def test_third_order_through_dense():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     for act in ("gelu", "tanh", "swiglu"):
         assert torch.autograd.gradgradcheck(
-            lambda x, w, b: torch.autograd.grad(
+            lambda x, w, b, act=act: torch.autograd.grad(
                 nnfast.dense(x, w, b, act).sum(), x, create_graph=True
             )[0],
             (x, w, b),

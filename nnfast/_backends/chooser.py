@@ -36,9 +36,12 @@ UNFUSED = "unfused"
 _mode: str = os.environ.get("NNFAST_DISPATCH", "measure").strip().lower()  # read once
 _decisions: dict[tuple, Decision] = {}
 _disk_loaded: set[str] = set()
-# Per candidate and key: time at least this long in total, at most this many rounds.
+# Per candidate and key: time at least this long in total, at most this many rounds, each
+# round a block of consecutive calls lasting about _BLOCK_S (at most _MAX_BLOCK calls).
 _BUDGET_S = 0.03
 _MAX_ROUNDS = 60
+_BLOCK_S = 0.001
+_MAX_BLOCK = 32
 # A fused path must beat the unfused one by this fraction to be chosen: a short measurement on
 # cache-hot tensors cannot tell near-ties apart, and on a tie PyTorch itself is the safe choice.
 MARGIN = 0.03
@@ -172,6 +175,7 @@ def measure(
 ) -> Decision:
     """Times every candidate on this call's tensors (interleaved rounds, medians)."""
     paths = candidates(x, act, training)
+
     def run(path, x, weight, bias, training):
         return run_path(path, x, weight, bias, act, training)
 
@@ -209,12 +213,20 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
     # Identity saved-tensor hooks: the trial runs must not reach an enclosing checkpoint's hooks
     # (its recomputation, which finds the decision made, would then save fewer tensors).
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        for p in paths:  # warm-up: first-use builds, autotuning, allocator
+        # warm-up (first-use builds, autotuning, allocator), and the calls per timed block: a
+        # block of about _BLOCK_S, so that a path is timed in its steady state (a lone call
+        # between other libraries' calls pays their thread pools' wake-ups, not its own cost)
+        block = {}
+        for p in paths:
             call(p)
+            block[p] = max(
+                1, min(_MAX_BLOCK, int(_BLOCK_S / max(_timed(lambda p=p: call(p), x), 1e-7)))
+            )
         deadline = time.perf_counter() + _BUDGET_S * len(paths)
         for r in range(_MAX_ROUNDS):
             for p in paths:
-                samples[p].append(_timed(lambda p=p: call(p), x))
+                t = _timed(lambda p=p: [call(p) for _ in range(block[p])], x)
+                samples[p].append(t / block[p])
             if r >= 2 and time.perf_counter() > deadline:
                 break
     return {p: statistics.median(s) * 1e3 for p, s in samples.items()}

@@ -137,7 +137,7 @@ def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_kernel(op: str, key: str) -> bool:
     # asked on every call; the answer is fixed once nnfast._C is loaded (it is loaded by then)
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
