@@ -22,8 +22,8 @@ def fresh(monkeypatch):
     chooser._decisions.update(saved)
 
 
-def _slow(path_name: str, monkeypatch, seconds: float = 1.0, run_path=None):
-    """functional._run with one path made slow (a fake slow candidate): the dispatcher's timer
+def _slow(path_name, monkeypatch, seconds: float = 1.0, run_path=None):
+    """functional._run with a path (or a set of them) made slow (a fake slow candidate): the timer
     adds ``seconds`` to every timed call of that path. (A real sleep or busy wait would also slow
     whichever candidate runs next on this 2-core machine, through the thread pools' wake-up.)"""
     state = {"slow": False}
@@ -36,8 +36,10 @@ def _slow(path_name: str, monkeypatch, seconds: float = 1.0, run_path=None):
 
     monkeypatch.setattr(chooser, "_timed", fake_timed)
 
+    slow = {path_name} if isinstance(path_name, str) else set(path_name)
+
     def run(path, *args):
-        state["slow"] = state["slow"] or path == path_name
+        state["slow"] = state["slow"] or path in slow
         return (run_path or functional._run)(path, *args)
 
     return run
@@ -118,8 +120,11 @@ def test_decisions_on_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("NNFAST_DISPATCH_CACHE", "1")
     monkeypatch.setenv("NNFAST_CACHE", str(tmp_path))
     monkeypatch.setattr(chooser, "_disk_loaded", set())
+    monkeypatch.setattr(chooser, "CONFIRM_AFTER", 1)
     x, w = torch.randn(3, 16), torch.randn(8, 16)
     nnfast.dense(x, w, None, "tanh")
+    assert not list(tmp_path.glob("dispatch-*.json"))  # a first measurement is not kept on disk
+    nnfast.dense(x, w, None, "tanh")  # the confirming one is
     (path,) = tmp_path.glob("dispatch-*.json")
     made = chooser.decisions()[0]
     chooser.clear()
@@ -263,10 +268,13 @@ def test_mlp_decisions_on_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("NNFAST_DISPATCH_CACHE", "1")
     monkeypatch.setenv("NNFAST_CACHE", str(tmp_path))
     monkeypatch.setattr(chooser, "_disk_loaded", set())
+    monkeypatch.setattr(chooser, "CONFIRM_AFTER", 1)
     model = nnfast.FusedMLP(6, [16], 3, activation="tanh", bias=False)
     with torch.no_grad():
         model(torch.randn(5, 6))
+        model(torch.randn(5, 6))
     (made,) = chooser.decisions()
+    assert made.confirmed
     chooser.clear()
     monkeypatch.setattr(chooser, "_disk_loaded", set())
     monkeypatch.setattr(chooser, "time_paths", lambda *a: pytest.fail("measured again"))
@@ -274,3 +282,22 @@ def test_mlp_decisions_on_disk(monkeypatch, tmp_path):
         model(torch.randn(5, 6))
     (loaded,) = chooser.decisions()
     assert loaded.key == made.key and loaded.choice == made.choice
+
+
+def test_a_decision_is_measured_again_in_the_steady_state(monkeypatch):
+    # the first measurement (cold) says unfused is slow; the one after CONFIRM_AFTER calls is final
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    act = resolve("gelu")
+    run = _slow(chooser.UNFUSED, monkeypatch)
+    assert chooser.choose(x, w, b, act, False, run) != chooser.UNFUSED
+    (first,) = chooser.decisions()
+    assert not first.confirmed
+    fused = {p for p in chooser.candidates(x, act, False) if p != chooser.UNFUSED}
+    run = _slow(fused, monkeypatch)  # now every fused path is the slow one
+    for _ in range(chooser.CONFIRM_AFTER - 1):
+        assert chooser.choose(x, w, b, act, False, run) == first.choice
+    assert chooser.choose(x, w, b, act, False, run) == chooser.UNFUSED
+    (final,) = chooser.decisions()
+    assert final.confirmed and final.choice == chooser.UNFUSED
+    for _ in range(3):  # and stays
+        assert chooser.choose(x, w, b, act, False, run) == chooser.UNFUSED

@@ -6,7 +6,9 @@ inference: oneDNN's inner product with the activation as a post-op) and ``unfuse
 lookup). On the first call for a key (device, dtype, activation and its parameter, training or
 inference, bias or not, M rounded up to a power of two, N, K) every path that can run it is
 timed on that call's own tensors, interleaved, medians; the fastest is kept if it beats the
-unfused path by at least ``MARGIN`` (3%), else the unfused path (a near-tie is noise).
+unfused path by at least ``MARGIN`` (3%), else the unfused path (a near-tie is noise). After
+``CONFIRM_AFTER`` calls with the key the measurement is made once more, in the steady state, and
+that one is final (and the one kept on disk).
 
 Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`` (or
 ``set_dispatch("fixed")``) turns measuring off: the fixed order of ``nnfast._backends.select``.
@@ -52,6 +54,10 @@ class Decision:
     key: tuple
     choice: str
     times_ms: dict[str, float] = field(default_factory=dict)
+    # calls since the first measurement; at CONFIRM_AFTER the key is measured again, in the
+    # program's steady state (warm caches and thread pools), and that measurement decides
+    uses: int = 0
+    confirmed: bool = False
 
     def describe(self) -> str:
         times = ", ".join(
@@ -295,6 +301,12 @@ def choose_mlp(x: Tensor, weights: list, biases: list, act, training: int, run_p
     return _decide(key, x, measure_mlp)
 
 
+# A first call often meets cold caches and thread pools just woken from other work, and its
+# measurement can be off by tens of percent at small shapes: the decision is made again once the
+# key has been used this many times, and that second measurement is final.
+CONFIRM_AFTER = 50
+
+
 def _decide(key: tuple, x: Tensor, measure_fn) -> str:
     decision = _decisions.get(key)
     if decision is None:
@@ -303,10 +315,21 @@ def _decide(key: tuple, x: Tensor, measure_fn) -> str:
     if decision is None:
         decision = measure_fn()
         _decisions[key] = decision
-        if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
-            print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
-        _save_disk(x)
+        _log(decision)
+    elif not decision.confirmed:
+        decision.uses += 1
+        if decision.uses >= CONFIRM_AFTER:
+            decision = measure_fn()
+            decision.confirmed = True
+            _decisions[key] = decision
+            _log(decision)
+            _save_disk(x)
     return decision.choice
+
+
+def _log(decision: Decision) -> None:
+    if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
+        print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
 
 
 def cached(key: tuple) -> str | None:
@@ -345,7 +368,7 @@ def _load_disk(x: Tensor) -> None:
             device, dtype, *rest = row["key"][len(head) :]
             rest = [tuple(v) if isinstance(v, list) else v for v in rest]
             key = (*head, torch.device(device), getattr(torch, dtype), *rest)
-            _decisions.setdefault(key, Decision(key, row["choice"], row["times_ms"]))
+            _decisions.setdefault(key, Decision(key, row["choice"], row["times_ms"], 0, True))
 
 
 def _save_disk(x: Tensor) -> None:
@@ -360,6 +383,7 @@ def _save_disk(x: Tensor) -> None:
             "times_ms": d.times_ms,
         }
         for d in _decisions.values()
+        if d.confirmed
     ]
     path.write_text(json.dumps(rows))
 
