@@ -10,6 +10,9 @@ Recognised by structure, not by class name:
   rewritten, then the module's own forward is run on random inputs before and after, in the module's
   training mode with the same random state (so a dropout between the two tells) and in eval mode;
   if any output changes the rewrite is undone and the pair is reported as left, with the reason.
+- A block with one stacked gate-up projection and a down projection (Phi-3's ``down_proj(up *
+  act(gate))``) runs as nnfast's gated op on the stacked weight as stored (``FusedGatedBlock``),
+  proven by the same probe.
 - Activations are recognised by what they compute (on a grid of values, against every row of
   nnfast's activation table), so transformers' ``GELUActivation``, ``NewGELUActivation``,
   ``PytorchGELUTanh``, ``QuickGELUActivation``, ... are known without importing transformers.
@@ -143,6 +146,66 @@ class FusedAway(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"fused into {self.into}"
+
+
+_GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
+
+
+class FusedGatedBlock(nn.Module):
+    """A feed-forward block with one stacked gate-up projection (gate rows, then up rows) and a
+    down projection, ``down(act(gate) * up)`` (Phi-3), run as nnfast's gated op on the stacked
+    weight as stored; the block's own modules stay its children under their names (same keys)."""
+
+    def __init__(self, block: nn.Module, up: str, down: str, spec: ActivationSpec) -> None:
+        super().__init__()
+        for name, child in block._modules.items():
+            self._modules[name] = child
+        self.up_name, self.down_name, self.activation = up, down, spec
+        object.__setattr__(self, "_nnfast_original", block)
+
+    def forward(self, x: Tensor) -> Tensor:
+        up = self._modules[self.up_name]
+        return self._modules[self.down_name](dense(x, up.weight, up.bias, self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def _gated_block(path: str, parent: nn.Module, name: str, report: FuseReport) -> bool:
+    """A child block of exactly (stacked gate-up Linear, down Linear, activation) whose forward is
+    down(act(gate) * up), as the probe shows: replaced by a FusedGatedBlock. True if fused."""
+    block = parent._modules[name]
+    children = [(n, m) for n, m in block._modules.items() if m is not None]
+    linears = [(n, m) for n, m in children if _is_linear(m) and not _wrapped(m)]
+    acts = [(n, activation_of(m)) for n, m in children if not _is_linear(m)]
+    if len(children) != 3 or len(linears) != 2 or len(acts) != 1 or _wrapped(block):
+        return False
+    spec = acts[0][1]
+    if spec is None or spec.name not in _GATED:
+        return False
+    gated = resolve(_GATED[spec.name])
+    for (up_name, up), (down_name, down) in (linears, linears[::-1]):
+        if up.out_features != 2 * down.in_features:
+            continue
+        x = torch.randn(2, 3, up.in_features, dtype=up.weight.dtype, device=up.weight.device)
+        fused = FusedGatedBlock(block, up_name, down_name, gated)
+        try:
+            if not _same(_probe_outputs(fused, x), _probe_outputs(block, x)):
+                continue
+        except Exception:  # noqa: BLE001 - not this structure
+            continue
+        parent._modules[name] = fused
+        where = f"{path}.{name}".lstrip(".")
+        report.append(
+            Entry(
+                where,
+                f"{type(block).__name__} (stacked gate-up)",
+                True,
+                f"FusedGatedBlock({gated!r})",
+            )
+        )
+        return True
+    return False
 
 
 class FusedSequential(nn.Sequential):
@@ -338,7 +401,14 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
         raise TypeError(f"fuse(): expected an nn.Module, got {type(model).__name__}")
     report = FuseReport()
     for path, module in list(model.named_modules()):
-        if isinstance(module, (FusedDense, FusedConv1D, FusedAway, FusedSequential)):
+        for name in list(module._modules):  # blocks replaced whole first (stacked gated blocks)
+            child = module._modules[name]
+            if child is not None and type(child) is not nn.Sequential and child._modules:
+                _gated_block(path, module, name, report)
+    for path, module in list(model.named_modules()):
+        if isinstance(
+            module, (FusedDense, FusedConv1D, FusedAway, FusedSequential, FusedGatedBlock)
+        ):
             continue
         if type(module) is nn.Sequential:
             _sequential(path, module, report)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nnfast
 from helpers import assert_close
 from nnfast._backends import chooser
-from nnfast.fuse import FusedAway, FusedConv1D, FusedSequential, activation_of
+from nnfast.fuse import FusedAway, FusedConv1D, FusedGatedBlock, FusedSequential, activation_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +99,22 @@ def _gemma():
     return transformers.GemmaForCausalLM(cfg), "input_ids"
 
 
+def _phi3():
+    cfg = transformers.Phi3Config(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.Phi3ForCausalLM(cfg), "input_ids"
+
+
 def _t5():
     cfg = transformers.T5Config(
         vocab_size=99,
@@ -145,6 +161,7 @@ FAMILIES = {
     "gpt2": (_gpt2, 2),  # Conv1D c_fc + NewGELUActivation
     "llama": (_llama, 2),  # act_fn(gate_proj(x)) * up_proj(x)
     "gemma": (_gemma, 2),  # gelu_pytorch_tanh on the gate
+    "phi3": (_phi3, 2),  # one stacked gate_up_proj: nnfast's gated op on the weight as stored
     "t5-gated-gelu": (_t5, 2),  # wi_0 + NewGELUActivation
     "clip-text": (_clip_text, 2),  # fc1 + QuickGELUActivation
     "vit": (_vit, 3),  # intermediate per layer; the pooler's dense + tanh
@@ -217,7 +234,8 @@ def test_fuse_family_matches_and_loses_nothing(name):
     assert _count_nnfast(model.eval(), **inputs) == 0
     assert all(a is b for (_, a), b in zip(model.named_parameters(), params.values()))
     assert not any(
-        isinstance(m, (FusedAway, FusedConv1D, nnfast.FusedDense)) for m in model.modules()
+        isinstance(m, (FusedAway, FusedConv1D, FusedGatedBlock, nnfast.FusedDense))
+        for m in model.modules()
     )
 
 
@@ -314,6 +332,9 @@ def test_fused_model_compiles_pickles_and_round_trips():
     assert len(nnfast.fuse_report(loaded).fused) == 2
     nnfast.unfuse(loaded)
     torch.testing.assert_close(_first_tensor(loaded(**inputs)), want, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    whole = torch.compile(model, backend="aot_eager")  # the whole fused model, graph breaks allowed
+    torch.testing.assert_close(_first_tensor(whole(**inputs)), want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
     mlp = model.model.layers[0].mlp
     compiled = torch.compile(mlp, fullgraph=True)
