@@ -246,12 +246,17 @@ def test_fuse_family_bfloat16_two_x_rule(name):
     plain = copy.deepcopy(model).to(torch.bfloat16)
     model = nnfast.fuse(model.to(torch.bfloat16))
     inputs = _inputs(kind)
-    assert_close(
-        _first_tensor(model(**inputs)).detach(),
-        _first_tensor(plain(**inputs)).detach(),
-        _first_tensor(ref64(**inputs)).detach(),
-        f"{name} bf16 logits",
-    )
+    outs = [_first_tensor(m(**inputs)) for m in (model, plain, ref64)]
+    assert_close(*[o.detach() for o in outs], f"{name} bf16 logits")
+    g = torch.randn_like(outs[2])
+    for o in outs:
+        o.backward(g.to(o.dtype))
+    # the feed-forward weights nnfast runs: gradients under the 2x rule against float64
+    names = [n for n, _ in model.named_parameters() if "mlp" in n or "intermediate" in n]
+    assert names
+    params = [dict(m.named_parameters()) for m in (model, plain, ref64)]
+    for n in names:
+        assert_close(*[p[n].grad for p in params], f"{name} bf16 grad {n}")
 
 
 def test_fuse_gpt2_uses_the_conv1d_weight_as_stored():
