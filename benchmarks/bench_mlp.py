@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import nnfast  # noqa: E402
-from nnfast.activations import resolve  # noqa: E402
 
 CPU_CONFIGS = ["1024x3x1024@16384", "64x3x64@65536"]
 CPU_QUICK = ["256x3x256@4096", "64x3x64@16384"]
@@ -35,35 +34,6 @@ def parse(config: str) -> tuple[int, int, int, int]:
     dims, batch = config.split("@")
     width, layers, out = (int(v) for v in dims.split("x"))
     return width, layers, out, int(batch)
-
-
-class EagerMLP(nn.Sequential):
-    """nn.Sequential(Linear, act, ..., Linear) with the weights of a FusedMLP."""
-
-    def __init__(self, fused: nnfast.FusedMLP, activation: str) -> None:
-        act = resolve(activation)
-        layers: list[nn.Module] = []
-        for i, lin in enumerate(fused.layers):
-            eager = nn.Linear(
-                lin.in_features,
-                lin.weight.shape[0],
-                device=lin.weight.device,
-                dtype=lin.weight.dtype,
-            )
-            eager.load_state_dict(lin.state_dict())
-            layers.append(eager)
-            if i < len(fused.layers) - 1:
-                layers.append(_Act(act))
-        super().__init__(*layers)
-
-
-class _Act(nn.Module):
-    def __init__(self, act) -> None:
-        super().__init__()
-        self.act = act
-
-    def forward(self, x):
-        return self.act(x)
 
 
 class Fixed(nn.Module):
@@ -82,7 +52,7 @@ class Fixed(nn.Module):
 
 
 def providers(fused: nnfast.FusedMLP, activation: str, device: str) -> dict[str, nn.Module]:
-    eager = EagerMLP(fused, activation)
+    eager = fused.to_sequential()  # nn.Sequential(Linear, act, ..., Linear), same weights
     ckpt = nnfast.FusedMLP(
         fused.layers[0].in_features,
         [lin.out_features for lin in fused.layers[:-1]],

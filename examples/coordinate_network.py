@@ -51,17 +51,6 @@ def fourier_features(size: int, features: int, sigma: float, device: str) -> tor
     return torch.cat([proj.sin(), proj.cos()], dim=-1).to(device)
 
 
-def eager_copy(model: nnfast.FusedMLP, activation: str) -> nn.Sequential:
-    """The same network as nn.Linear + activation modules, same weights."""
-    act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}[activation]
-    layers: list[nn.Module] = []
-    for i, lin in enumerate(model.layers):
-        eager = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device)
-        eager.load_state_dict(lin.state_dict())
-        layers += [eager] + ([act()] if i < len(model.layers) - 1 else [])
-    return nn.Sequential(*layers)
-
-
 def train(model: nn.Module, feats, target, steps: int, lr: float, label: str):
     """Full-batch Adam; returns (PSNR per step, seconds per step, final prediction)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -114,7 +103,7 @@ def main(argv=None) -> dict:
         activation=args.activation,
         device=args.device,
     )
-    eager = eager_copy(fused, args.activation)
+    eager = fused.to_sequential()  # nn.Linear + activation modules, same weights
 
     psnr_f, t_f, pred_f = train(fused, feats, target, args.steps, args.lr, "nnfast")
     psnr_e, t_e, pred_e = train(eager, feats, target, args.steps, args.lr, "eager")

@@ -219,7 +219,9 @@ def dense_grad_grad(spec, grad_out, x, weight, saved, gg_x, gg_w, gg_b) -> tuple
         dg = x @ gg_w.t() if dg is None else dg + x @ gg_w.t()
     if gg_b is not None:
         dg = gg_b.expand(grad_out.shape[0], -1) if dg is None else dg + gg_b
-    g = reference.grad_pre(grad_out, saved, spec) if gg_x is not None or gg_w is not None else None
+    g = None
+    if gg_x is not None or gg_w is not None:  # differentiable again when a graph is being built
+        g = reference.grad_pre(grad_out, saved, spec, differentiable=torch.is_grad_enabled())
     d_x = g @ gg_w if gg_w is not None else None
     d_w = g.t() @ gg_x if gg_x is not None else None
     d_grad_out, d_saved = (None, None) if dg is None else _act_grad_grad(spec, grad_out, saved, dg)
@@ -451,9 +453,11 @@ def _mlp_backward(ctx: Any, grad_out: Tensor | None, grad_saved: list | None) ->
     if grad_out is None and not grad_saved:
         return None, [None] * n, [None] * n, None, None, None, None
     if ctx.recompute:
-        # under create_graph the rerun is recorded, so the second-order terms reach x and weights
+        # under create_graph the rerun goes through the op, whose graph carries the second-order
+        # terms to x and the weights; else (EagerMLP) the implementation without the op machinery
         placeholders = [x.new_empty(0) if b is None else b for b in biases]
-        _, saved = mlp_fwd(x, weights, placeholders, ctx.activation, ctx.param, True, ctx.backend)
+        rerun = _mlp_forward_impl if ctx.eager and not torch.is_grad_enabled() else mlp_fwd
+        _, saved = rerun(x, weights, placeholders, ctx.activation, ctx.param, True, ctx.backend)
     needs_x, needs_w, needs_b = ctx.needs
     if torch.is_grad_enabled() or grad_saved:
         # create_graph=True, or the double backward reaching the kept tensors: layer by layer

@@ -235,17 +235,22 @@ def dense(
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _mlp_unfused(x: Tensor, weights, biases, act: ActivationSpec) -> Tensor:
+    """PyTorch itself, layer by layer (a bias that is None or empty: none)."""
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.nn.functional.linear(x, w, None if b is None or b.numel() == 0 else b)
+        x = act(x) if i < last else x
+    return x
+
+
 def _mlp_runner(backend: str, save: bool):
     """run(path, x, weights, biases, act, training) for the MLP's dispatcher paths in eager mode:
     ``fused`` (the backend's MLP; biases are tensors, empty for none) or ``unfused``."""
 
     def run(path, x, weights, biases, act, training):
         if path == chooser.UNFUSED:
-            last = len(weights) - 1
-            for i, (w, b) in enumerate(zip(weights, biases)):
-                x = torch.nn.functional.linear(x, w, b if b.numel() else None)
-                x = act(x) if i < last else x
-            return x
+            return _mlp_unfused(x, weights, biases, act)
         if not training:
             return _ops._mlp_forward_impl(x, weights, biases, act.name, act.param, False, backend)[
                 0
@@ -301,9 +306,7 @@ def mlp(
     name = _backends.select(backend, x.device.type, x.dtype)
     route = _route(x, *weights, *biases)
     if any(0 in w.shape for w in weights) or route == COMPOSITE:
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            x = (act if i < last else resolve(None))(torch.nn.functional.linear(x, w, b))
-        return x
+        return _mlp_unfused(x, weights, biases, act)
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(
@@ -314,11 +317,12 @@ def mlp(
     biases = [x.new_empty(0) if b is None else b for b in biases]
     save = needs_grad and not checkpoint
     if route == EAGER:
-        path = chooser.FUSED
+        run, path = _mlp_runner(name, save), chooser.FUSED
         if not checkpoint and not _explicit(backend) and chooser.measuring():
-            mode = chooser.mlp_mode(x, needs_grad)
-            path = chooser.choose_mlp(x2, weights, biases, act, mode, _mlp_runner(name, save))
-        out = _mlp_runner(name, save)(path, x2, weights, biases, act, needs_grad)
+            path = chooser.choose_mlp(
+                x2, weights, biases, act, chooser.mlp_mode(x, needs_grad), run
+            )
+        out = run(path, x2, weights, biases, act, needs_grad)
     else:
         out, _ = _ops.mlp_fwd(x2, weights, biases, act.name, act.param, save, name)
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -292,13 +292,10 @@ def _sequential(path: str, seq: nn.Sequential, report: FuseReport) -> None:
         if _wrapped(m) or _wrapped(a):
             report.append(Entry(where, pattern, False, "hooks on the layer or activation"))
             continue
-        _replace(seq, name, _fused_layer(m, spec))
+        fused = _fused_layer(m, spec)
+        _replace(seq, name, fused)
         _replace(seq, act_name, FusedAway(a, where))
-        report.append(Entry(where, pattern, True, f"FusedDense({spec!r})"))
-
-
-class _Mismatch(Exception):
-    pass
+        report.append(Entry(where, pattern, True, f"{type(fused).__name__}({spec!r})"))
 
 
 def _probe_outputs(module: nn.Module, x: Tensor) -> list:

@@ -78,3 +78,19 @@ def make_weight(n: int, k: int, dtype, device, bias: bool = True):
     w = (torch.rand(n, k, device=device) * 2 - 1) * bound
     b = (torch.rand(n, device=device) * 2 - 1) * bound if bias else None
     return w.to(dtype), (b.to(dtype) if b is not None else None)
+
+
+def eager_mlp(x, weights, biases, activation):
+    """Plain PyTorch: F.linear and the activation, layer by layer."""
+    act = resolve(activation)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = F.linear(x, w, b)
+        if i < len(weights) - 1:
+            x = act(x)
+    return x
+
+
+def eager_mlp_of(model, x: Tensor) -> Tensor:
+    """A FusedMLP's own parameters run as plain PyTorch (gradients reach the model)."""
+    layers = model.layers
+    return eager_mlp(x, [m.weight for m in layers], [m.bias for m in layers], model.activation)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nnfast
+from helpers import eager_mlp_of
 from nnfast import functional
 from nnfast._backends import chooser
 from nnfast.activations import resolve
@@ -236,7 +237,7 @@ def test_fused_mlp_measures_once_and_runs_the_chosen_path(monkeypatch):
         return impl(*a)
 
     monkeypatch.setattr(nnfast._ops, "_mlp_forward_impl", counting)
-    want = _eager_mlp(model, x)
+    want = eager_mlp_of(model, x)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
         (d,) = [d for d in chooser.decisions() if d.key[0] == "mlp"]
@@ -255,13 +256,6 @@ def test_fused_mlp_measures_once_and_runs_the_chosen_path(monkeypatch):
         assert ran == ["fused"] and chooser.decisions() == []
     finally:
         nnfast.set_dispatch("measure")
-
-
-def _eager_mlp(model, x):
-    for i, layer in enumerate(model.layers):
-        x = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        x = model.activation(x) if i < len(model.layers) - 1 else x
-    return x
 
 
 def test_mlp_decisions_on_disk(monkeypatch, tmp_path):

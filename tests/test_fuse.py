@@ -47,124 +47,56 @@ def _count_nnfast(model, **inputs) -> int:
     return sum(op.startswith("nnfast.") for op in log.ops)
 
 
-def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.BertForMaskedLM(cfg), "input_ids"
+# A tiny decoder/encoder config: 32 wide, 2 layers, 4 heads (2 key/value heads), 64 positions.
+_SMALL = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+_GQA = dict(_SMALL, num_key_value_heads=2)
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-
-def _gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=99,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    return transformers.GPT2LMHeadModel(cfg), "input_ids"
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg), "input_ids"
-
-
-def _gemma():
-    cfg = transformers.GemmaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    return transformers.GemmaForCausalLM(cfg), "input_ids"
-
-
-def _phi3():
-    cfg = transformers.Phi3Config(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.Phi3ForCausalLM(cfg), "input_ids"
-
-
-def _t5():
-    cfg = transformers.T5Config(
-        vocab_size=99,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-    )
-    return transformers.T5EncoderModel(cfg), "input_ids"
-
-
-def _clip_text():
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    return transformers.CLIPTextModel(cfg), "input_ids"
-
-
-def _vit():
-    cfg = transformers.ViTConfig(
-        image_size=16,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    return transformers.ViTModel(cfg), "pixel_values"
-
-
+# family: (config class, model class, config, input kind, how many pairs fuse must find)
 FAMILIES = {
-    "bert": (_bert, 3),  # intermediate dense + GELUActivation per layer; the MLM head's transform
-    "gpt2": (_gpt2, 2),  # Conv1D c_fc + NewGELUActivation
-    "llama": (_llama, 2),  # act_fn(gate_proj(x)) * up_proj(x)
-    "gemma": (_gemma, 2),  # gelu_pytorch_tanh on the gate
-    "phi3": (_phi3, 2),  # one stacked gate_up_proj: nnfast's gated op on the weight as stored
-    "t5-gated-gelu": (_t5, 2),  # wi_0 + NewGELUActivation
-    "clip-text": (_clip_text, 2),  # fc1 + QuickGELUActivation
-    "vit": (_vit, 3),  # intermediate per layer; the pooler's dense + tanh
+    "bert": ("BertConfig", "BertForMaskedLM", _SMALL, "input_ids", 3),  # + the MLM head transform
+    "gpt2": (  # Conv1D c_fc + NewGELUActivation
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_TOKENS),
+        "input_ids",
+        2,
+    ),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _GQA, "input_ids", 2),  # act_fn(gate_proj(x))
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GQA, head_dim=8), "input_ids", 2),
+    # one stacked gate_up_proj: nnfast's gated op on the weight as stored
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, **_TOKENS), "input_ids", 2),
+    "t5-gated-gelu": (  # wi_0 + NewGELUActivation
+        "T5Config",
+        "T5EncoderModel",
+        dict(
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+        ),
+        "input_ids",
+        2,
+    ),
+    "clip-text": ("CLIPTextConfig", "CLIPTextModel", dict(_SMALL, **_TOKENS), "input_ids", 2),
+    "vit": (  # intermediate per layer; the pooler's dense + tanh
+        "ViTConfig",
+        "ViTModel",
+        dict(_SMALL, image_size=16, patch_size=8, num_channels=3),
+        "pixel_values",
+        3,
+    ),
 }
 
 
@@ -180,8 +112,12 @@ def _first_tensor(out):
 
 
 def _build(name):
+    config_cls, model_cls, cfg, kind, _ = FAMILIES[name]
     torch.manual_seed(0)
-    model, kind = FAMILIES[name][0]()
+    cfg = dict(cfg)
+    if config_cls == "ViTConfig":
+        cfg.pop("vocab_size"), cfg.pop("max_position_embeddings")
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg))
     return model.eval(), kind
 
 
@@ -197,8 +133,8 @@ def test_fuse_family_matches_and_loses_nothing(name):
 
     nnfast.fuse(model)
     report = nnfast.fuse_report(model)
-    assert len(report.fused) == FAMILIES[name][1], str(report)
-    assert _count_nnfast(model, **inputs) >= FAMILIES[name][1]  # the ops really run
+    assert len(report.fused) == FAMILIES[name][4], str(report)
+    assert _count_nnfast(model, **inputs) >= FAMILIES[name][4]  # the ops really run
     assert list(model.state_dict()) == keys
     assert all(a is b for (_, a), b in zip(model.named_parameters(), params.values()))
     assert [n for n, _ in model.named_parameters()] == list(params)
@@ -429,3 +365,8 @@ def test_keras_torch_module_wrapper_saves_and_loads(tmp_path, monkeypatch):
     loaded = keras.saving.load_model(path, safe_mode=False)
     assert isinstance(loaded.layers[-1].module, nnfast.FusedMLP)
     torch.testing.assert_close(torch.as_tensor(loaded.predict(x, verbose=0)), torch.as_tensor(want))
+
+
+def test_fuse_bad_input_says_what_it_expected():
+    with pytest.raises(TypeError, match="expected an nn.Module, got dict"):
+        nnfast.fuse({"layer": nn.Linear(2, 2)})

@@ -7,18 +7,8 @@ import torch
 from torch import nn
 
 import nnfast
-from helpers import assert_close, backend_devices, skip_unsupported
+from helpers import assert_close, backend_devices, eager_mlp, skip_unsupported
 from nnfast.activations import GATED_NAMES, resolve
-
-
-def eager_mlp(x, weights, biases, activation):
-    """Plain PyTorch: F.linear and the activation, layer by layer."""
-    act = resolve(activation)
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        x = nn.functional.linear(x, w, b)
-        if i < len(weights) - 1:
-            x = act(x)
-    return x
 
 
 def check_mlp(backend, activation, dtype, device, checkpoint, bias=True, widths=(19, 24, 33, 7)):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nnfast
-from helpers import assert_close, backend_devices, skip_unsupported, torch_dense
+from helpers import assert_close, backend_devices, eager_mlp_of, skip_unsupported, torch_dense
 from nnfast.activations import GATED_NAMES, resolve
 
 BACKENDS = backend_devices()
@@ -115,15 +114,6 @@ def test_mlp_gradgradcheck_float64(backend, device, activation, checkpoint):
     assert torch.autograd.gradgradcheck(f, (x, *ws, b0, b2))
 
 
-def _eager_mlp(model: nnfast.FusedMLP, x):
-    act = model.activation
-    for i, layer in enumerate(model.layers):
-        x = F.linear(x, layer.weight, layer.bias)
-        if i < len(model.layers) - 1:
-            x = act(x)
-    return x
-
-
 def _first_and_second(model, forward, x0, dtype):
     """(y, dy/dx, d penalty / d every parameter) with penalty = eikonal-like term on dy/dx."""
     x = x0.to(dtype).requires_grad_()
@@ -153,8 +143,8 @@ def test_fused_mlp_first_and_second_order_vs_eager(
     model.checkpoint = checkpoint
     x0 = torch.rand(64, 3, device=device) * 2 - 1
     got = _first_and_second(model, lambda m, x: m(x), x0, dtype)
-    plain = _first_and_second(plain_model, _eager_mlp, x0, dtype)
-    ref = _first_and_second(ref_model, _eager_mlp, x0, torch.float64)
+    plain = _first_and_second(plain_model, eager_mlp_of, x0, dtype)
+    ref = _first_and_second(ref_model, eager_mlp_of, x0, torch.float64)
     for i, (a, p, r) in enumerate(zip(got, plain, ref)):
         assert_close(a, p, r, f"FusedMLP result {i}")
 
@@ -198,7 +188,7 @@ def test_torch_func_second_order_matches_pytorch():
         return model(x).squeeze(-1)
 
     def plain(x):
-        return _eager_mlp(model, x).squeeze(-1)
+        return eager_mlp_of(model, x).squeeze(-1)
 
     for transform in (torch.func.hessian, lambda f: torch.func.jacrev(torch.func.grad(f))):
         torch.testing.assert_close(transform(f)(x), transform(plain)(x))
@@ -211,18 +201,21 @@ def test_torch_func_second_order_matches_pytorch():
     )
 
 
-def test_third_order_through_dense():
+@pytest.mark.parametrize("route", ROUTES)
+def test_third_order_through_dense(route):
     # the second-order formula is PyTorch ops on the table's f' and f'', so it differentiates again
+    # (silu: PyTorch's silu_backward has no derivative; the formula must not use it then)
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    for act in ("gelu", "tanh", "swiglu"):
-        assert torch.autograd.gradgradcheck(
-            lambda x, w, b, act=act: torch.autograd.grad(
-                nnfast.dense(x, w, b, act).sum(), x, create_graph=True
-            )[0],
-            (x, w, b),
-        )
+
+    def first(x, w, b, act):
+        with _route(route):
+            y = nnfast.dense(x, w, b, act, backend="reference")  # explicit: the op, not a choice
+            return torch.autograd.grad(y.sum(), x, create_graph=True)[0]
+
+    for act in ("gelu", "tanh", "silu", "swiglu"):
+        assert torch.autograd.gradgradcheck(lambda x, w, b, act=act: first(x, w, b, act), (x, w, b))
 
 
 def test_activation_table_second_derivatives():
@@ -242,3 +235,36 @@ def test_activation_table_second_derivatives():
             want = torch.zeros_like(pre) if want is None else want
             got = spec.act.grad2(saved, param) if spec.act.grad2 else torch.zeros_like(pre)
             torch.testing.assert_close(got, want, msg=name)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("backend,device", BACKENDS64)
+def test_second_order_strided_inputs_float64(backend, device, m):
+    # transposed x, a transposed weight view, an expanded (stride-0) bias; M = 1 and odd
+    for activation in ("gelu", "tanh", "swiglu"):
+        rows = _rows(activation, 3)
+        x = torch.randn(5, m, device=device, dtype=torch.float64).t().requires_grad_()
+        w = torch.randn(5, rows, device=device, dtype=torch.float64).requires_grad_()
+        b = torch.randn(1, device=device, dtype=torch.float64).requires_grad_()
+        for route in ROUTES:
+
+            def f(x, w, b, route=route, activation=activation, rows=rows):
+                with _route(route):
+                    return nnfast.dense(x, w.t(), b.expand(rows), activation, backend=backend)
+
+            assert torch.autograd.gradgradcheck(f, (x, w, b)), (activation, route)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS64)
+def test_second_order_empty_batch(backend, device):
+    x = torch.randn(0, 4, device=device, requires_grad=True)
+    w = torch.randn(3, 4, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    for fn in (
+        lambda: nnfast.dense(x, w, b, "gelu", backend=backend),
+        lambda: nnfast.mlp(x, [w, torch.randn(2, 3)], [b, None], "silu", backend=backend),
+    ):
+        (gx,) = torch.autograd.grad(fn().sum(), x, create_graph=True)
+        assert gx.shape == (0, 4)
+        gw, gb = torch.autograd.grad(gx.sum(), (w, b), allow_unused=True)
+        assert gw is None or (gw == 0).all()
