@@ -29,22 +29,28 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)  # exact types: subclasses take the full checks
 
 
-def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> None:
-    # The common valid call in a few comparisons; anything else gets the full checks below.
-    if (
-        type(x) in _PLAIN
-        and type(weight) in _PLAIN
+def _valid_x(x: Any) -> bool:
+    return type(x) in _PLAIN and x.dtype in _FLOATS and x.dim() > 0
+
+
+def _valid_layer(x: Tensor, width: int, weight: Any, bias: Any, gated: bool) -> bool:
+    """The common valid layer in a few comparisons (x valid, ``width`` its input width)."""
+    return (
+        type(weight) in _PLAIN
         and (bias is None or type(bias) in _PLAIN)
-        and x.dtype in _FLOATS
         and weight.dtype is x.dtype
         and weight.dim() == 2
-        and x.dim() > 0
-        and x.shape[-1] == weight.shape[1]
+        and width == weight.shape[1]
         and (bias is None or (bias.dtype is x.dtype and bias.shape == weight.shape[:1]))
-        and (not act.is_gated or weight.shape[0] % 2 == 0)
+        and (not gated or weight.shape[0] % 2 == 0)
         and weight.device == x.device
         and (bias is None or bias.device == x.device)
-    ):
+    )
+
+
+def _check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec) -> None:
+    # The common valid call in a few comparisons; anything else gets the full checks below.
+    if _valid_x(x) and _valid_layer(x, x.shape[-1], weight, bias, act.is_gated):
         return
     _check_tensor("dense", "x", x)
     _check_tensor("dense", "weight", weight)
@@ -261,6 +267,35 @@ def _mlp_runner(backend: str, save: bool):
     return run
 
 
+_IDENTITY = resolve(None)
+
+
+def _valid_mlp(x, weights: list, biases: list, act: ActivationSpec) -> bool:
+    """The common valid MLP call, layer widths chained, in a few comparisons per layer."""
+    if not _valid_x(x):
+        return False
+    width, last = x.shape[-1], len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        gated = act.is_gated and i < last
+        if not _valid_layer(x, width, w, b, gated):
+            return False
+        width = w.shape[0] // 2 if gated else w.shape[0]
+    return True
+
+
+def _check_mlp_args(x, weights: list, biases: list, act: ActivationSpec) -> None:
+    """The per-layer checks with dense()'s messages, naming the layer."""
+    last = len(weights) - 1
+    probe = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        layer_act = act if i < last else _IDENTITY
+        try:
+            _check_dense_args(probe, w, b, layer_act)
+        except (ValueError, TypeError) as e:
+            raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
+        probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
+
+
 def mlp(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -291,18 +326,11 @@ def mlp(
             f"mlp(): got {len(weights)} weights but {len(biases)} biases; pass one bias (or None)"
             " per weight"
         )
-    act: ActivationSpec = resolve(activation)
+    act: ActivationSpec = activation if type(activation) is ActivationSpec else resolve(activation)
     x, *params = _autocast_all(x, *weights, *biases)
     weights, biases = params[: len(weights)], params[len(weights) :]
-    last = len(weights) - 1
-    probe = x
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        layer_act = act if i < last else resolve(None)
-        try:
-            _check_dense_args(probe, w, b, layer_act)
-        except (ValueError, TypeError) as e:
-            raise type(e)(str(e).replace("dense():", f"mlp(): layer {i}:", 1)) from None
-        probe = probe.new_empty(0, layer_act.out_features(w.shape[0]))
+    if not _valid_mlp(x, weights, biases, act):
+        _check_mlp_args(x, weights, biases, act)
     name = _backends.select(backend, x.device.type, x.dtype)
     route = _route(x, *weights, *biases)
     if any(0 in w.shape for w in weights) or route == COMPOSITE:
