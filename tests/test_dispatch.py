@@ -295,3 +295,25 @@ def test_a_decision_is_measured_again_in_the_steady_state(monkeypatch):
     assert final.confirmed and final.choice == chooser.UNFUSED
     for _ in range(3):  # and stays
         assert chooser.choose(x, w, b, act, False, run) == chooser.UNFUSED
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_first_measurement_inside_a_checkpoint(use_reentrant):
+    # the decision is made during the checkpointed forward (under its saved-tensor hooks); the
+    # trial runs must not reach those hooks, and the recomputation must save what the forward did
+    torch.manual_seed(0)
+    layer = nnfast.FusedDense(16, 24, activation="silu").double()
+    ref = torch.nn.Linear(16, 24).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant)
+    assert len(chooser.decisions()) == 1, chooser.report()
+    g = torch.randn_like(out)
+    out.backward(g)  # (reentrant checkpoints refuse autograd.grad)
+    got = (x.grad, layer.weight.grad, layer.bias.grad)
+    x_ref = x.detach().requires_grad_()
+    out_ref = torch.nn.functional.silu(ref(x_ref))
+    want = torch.autograd.grad(out_ref, (x_ref, ref.weight, ref.bias), g)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

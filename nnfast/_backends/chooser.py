@@ -216,9 +216,16 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
         return torch.autograd.grad(out, wrt, grad)
 
     samples: dict[str, list[float]] = {p: [] for p in paths}
-    # Identity saved-tensor hooks: the trial runs must not reach an enclosing checkpoint's hooks
-    # (its recomputation, which finds the decision made, would then save fewer tensors).
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    # Inside saved-tensor hooks (a checkpoint), identity hooks on top: the trial runs must not
+    # reach the enclosing hooks (its recomputation, which finds the decision made, would then save
+    # fewer tensors). Only there: hooks cost a Python call per saved tensor, more for PyTorch's
+    # own autograd nodes than for nnfast's, which would bias every other measurement.
+    hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    with (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        if hooked
+        else contextlib.nullcontext()
+    ):
         # warm-up (first-use builds, autotuning, allocator), and the calls per timed block: a
         # block of about _BLOCK_S, so that a path is timed in its steady state (a lone call
         # between other libraries' calls pays their thread pools' wake-ups, not its own cost)
