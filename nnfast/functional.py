@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,10 @@ def _valid_layer(x: Tensor, width: int, weight: Any, bias: Any, gated: bool) -> 
         and weight.dtype is x.dtype
         and weight.dim() == 2
         and width == weight.shape[1]
-        and (bias is None or (bias.dtype is x.dtype and bias.shape == weight.shape[:1]))
+        and (
+            bias is None
+            or (bias.dtype is x.dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+        )
         and (not gated or weight.shape[0] % 2 == 0)
         and weight.device == x.device
         and (bias is None or bias.device == x.device)
@@ -172,11 +174,14 @@ def _run(
     """One dense layer through a dispatcher path in eager mode."""
     if path == chooser.UNFUSED:
         return chooser.unfused(x, weight, bias, act)
-    return _apply(*_path_fns(path), x, weight, bias, act, training)
+    forward_fn, backward_fn, backend = _PATH_FNS.get(path) or _path_fns(path)
+    if not training:
+        return forward_fn(x, weight, bias, act, False)[0]
+    return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn, backend)[0]
 
 
 def _explicit(backend: str | None) -> bool:
-    return backend is not None or bool(os.environ.get(_backends.ENV_VAR))
+    return backend is not None or _backends.env_backend() is not None
 
 
 @torch.compiler.assume_constant_result
@@ -210,7 +215,28 @@ def dense(
         ``(..., out_features)`` in x's dtype (``out_features = weight.shape[0] // 2`` if gated).
     """
     act = activation if type(activation) is ActivationSpec else resolve(activation)
-    x, weight, bias = _autocast_all(x, weight, bias)
+    # The common call in one pass: automatic backend, a valid layer on a 2-D x, plain eager mode
+    # (no autocast, transforms or modes), and a confirmed decision for its key, one lookup. A
+    # small layer's whole call is a few tens of microseconds: every step here is one of them.
+    if (
+        backend is None
+        and _valid_x(x)
+        and x.dim() == 2
+        and _valid_layer(x, x.shape[1], weight, bias, act.is_gated)
+        and x.shape[1]
+        and not torch._C._is_any_autocast_enabled()
+        and _route(x, weight, bias) == EAGER
+        and _backends.env_backend() is None
+        and chooser.measuring()
+    ):
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        path = chooser.confirmed(chooser.key_of(x, weight, bias, act, needs_grad))
+        if path is not None:
+            return _run(path, x, weight, bias, act, needs_grad)
+    if torch._C._is_any_autocast_enabled():
+        x, weight, bias = _autocast_all(x, weight, bias)
     _check_dense_args(x, weight, bias, act)
     route = _route(x, weight, bias)
     if route == COMPOSITE or x.shape[-1] == 0:  # in_features=0: the bias broadcast, as F.linear

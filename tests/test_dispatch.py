@@ -317,3 +317,33 @@ def test_first_measurement_inside_a_checkpoint(use_reentrant):
     torch.testing.assert_close(out, out_ref)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_after_a_confirmed_decision_every_setting_still_counts(monkeypatch):
+    # the one-lookup path for confirmed decisions must still see NNFAST_BACKEND, fixed mode,
+    # autocast, N-D inputs, bad arguments and the transforms
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    for _ in range(chooser.CONFIRM_AFTER + 1):
+        nnfast.dense(x, w, b, "gelu")
+    (d,) = chooser.decisions()
+    assert d.confirmed
+    # a path that fails loudly stands for "the decision was used"
+    monkeypatch.setattr(d, "choice", "no-such-path")
+    with pytest.raises(Exception, match="no-such-path|unknown backend"):
+        nnfast.dense(x, w, b, "gelu")
+    ref = torch.nn.functional.gelu(x @ w.T + b)
+    monkeypatch.setenv("NNFAST_BACKEND", "reference")
+    torch.testing.assert_close(nnfast.dense(x, w, b, "gelu"), ref)
+    monkeypatch.delenv("NNFAST_BACKEND")
+    torch.testing.assert_close(nnfast.dense(x, w, b, "gelu", backend="reference"), ref)
+    with chooser.fixed():
+        torch.testing.assert_close(nnfast.dense(x, w, b, "gelu"), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nnfast.dense(x, w, b, "gelu").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        nnfast.dense(x, w, b[:4], "gelu")
+    with pytest.raises(TypeError, match="x has dtype torch.float32 but weight has dtype"):
+        nnfast.dense(x, w.double(), b, "gelu")
+    g = torch.func.grad(lambda x: nnfast.dense(x, w, b, "gelu").sum())(x)
+    assert torch.isfinite(g).all()

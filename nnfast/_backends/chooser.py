@@ -294,6 +294,9 @@ def choose_mlp(x: Tensor, weights: list, biases: list, act, training: int, run_p
     """``fused`` (nnfast's MLP op: one tensor kept per hidden layer, whole-MLP kernels where the
     backend has them) or ``unfused`` (PyTorch layer by layer), measured once per key."""
     key = mlp_key(x, weights, biases, act, training)
+    decision = _decisions.get(key)
+    if decision is not None and decision.confirmed:
+        return decision.choice
 
     def measure_mlp():
         n = len(weights)
@@ -337,6 +340,12 @@ def _decide(key: tuple, x: Tensor, measure_fn) -> str:
 def _log(decision: Decision) -> None:
     if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
         print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
+
+
+def confirmed(key: tuple) -> str | None:
+    """The final choice for ``key`` (None while it is not made or not confirmed yet)."""
+    d = _decisions.get(key)
+    return d.choice if d is not None and d.confirmed else None
 
 
 def cached(key: tuple) -> str | None:
