@@ -347,3 +347,26 @@ def test_after_a_confirmed_decision_every_setting_still_counts(monkeypatch):
         nnfast.dense(x, w.double(), b, "gelu")
     g = torch.func.grad(lambda x: nnfast.dense(x, w, b, "gelu").sum())(x)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("training", [0, 1, chooser.SECOND_ORDER])
+def test_trial_calls_rotate_over_copies_of_the_operands(training, monkeypatch):
+    # operands that fit the rotation budget are timed over copies (not all cache-resident), with
+    # the same values; larger ones over the tensors themselves
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    x.requires_grad_(training == chooser.SECOND_ORDER)
+    seen = {}
+
+    def run(path, x_, w_, b_, grads):
+        seen.setdefault(w_.data_ptr(), (x_, w_, b_))
+        return torch.nn.functional.silu(torch.nn.functional.linear(x_, w_, b_))
+
+    chooser.time_paths(["a", chooser.UNFUSED], x, [x, w, b], training, run)
+    assert len(seen) == chooser._MAX_COPIES
+    for x_, w_, b_ in seen.values():
+        assert torch.equal(x_, x) and torch.equal(w_, w) and torch.equal(b_, b)
+        assert x_.requires_grad == w_.requires_grad == b_.requires_grad == bool(training)
+    seen.clear()
+    monkeypatch.setattr(chooser, "_ROTATE_BYTES", 100)
+    chooser.time_paths(["a", chooser.UNFUSED], x, [x, w, b], training, run)
+    assert len(seen) == 1

@@ -44,6 +44,12 @@ _BUDGET_S = 0.03
 _MAX_ROUNDS = 60
 _BLOCK_S = 0.001
 _MAX_BLOCK = 32
+# Trial calls rotate over copies of their operands, as many as fit in _ROTATE_BYTES (at most
+# _MAX_COPIES): a layer in a model meets its weight after other layers' weights and activations
+# have passed through the caches, and a path that wins only on cache-resident operands (a GEMV
+# whose 4 MB weight sits in the last-level cache) must not be chosen for one that reads memory.
+_ROTATE_BYTES = 64 * 2**20
+_MAX_COPIES = 8
 # A fused path must beat the unfused one by this fraction to be chosen: a short measurement on
 # cache-hot tensors cannot tell near-ties apart, and on a tie PyTorch itself is the safe choice.
 MARGIN = 0.03
@@ -195,16 +201,26 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
     ``training=SECOND_ORDER`` times a step through the input gradient (create_graph=True, then
     the parameters' gradients of a penalty on it), as SDF, PINN and gradient-penalty steps do."""
     inputs = [t.detach() if t is not None else None for t in tensors]
-    # training: leaves made once, gradients by autograd.grad, as a training step would
-    leaves = [t.clone().requires_grad_() if t is not None and t.numel() else t for t in inputs]
-    wrt = [t for t in leaves if t is not None and t.requires_grad]
-    grad = None
+    # Calls rotate over copies of the operands (see _ROTATE_BYTES); training: leaves made once,
+    # gradients by autograd.grad, as a training step would
+    nbytes = sum(t.numel() * t.element_size() for t in inputs if t is not None)
+    copies = max(1, min(_MAX_COPIES, _ROTATE_BYTES // max(nbytes, 1)))
+    sets = [inputs] + [[_copy(t) for t in inputs] for _ in range(copies - 1)]
+    if training:
+        sets = [
+            [t if t is None or not t.numel() else t.clone().requires_grad_() for t in s]
+            for s in sets
+        ]
+    turn, grad = 0, None
 
     def call(path):
-        nonlocal grad
+        nonlocal grad, turn
+        turn = (turn + 1) % copies
         if not training:
             with torch.no_grad():
-                return run(path, *inputs, False)
+                return run(path, *sets[turn], False)
+        leaves = sets[turn]
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
         out = run(path, *leaves, True)
         if grad is None:
             grad = torch.randn_like(out)
@@ -243,6 +259,11 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
             if r >= 2 and time.perf_counter() > deadline:
                 break
     return {p: statistics.median(s) * 1e3 for p, s in samples.items()}
+
+
+def _copy(t: Tensor | None) -> Tensor | None:
+    """A copy, same strides where they are dense (an empty tensor, a missing bias: itself)."""
+    return t.clone() if t is not None and t.numel() else t
 
 
 def pick(times_ms: dict[str, float]) -> str:
