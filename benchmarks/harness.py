@@ -24,6 +24,28 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def steady_heap() -> str:
+    """glibc malloc keeps freed memory in the process (no trimming; allocations up to 32 MB from
+    the heap, not mmap). Otherwise whether a freed 4 MB gradient goes back to the OS depends on
+    the heap's history, and the next call pays its page faults: the same training step measured
+    0 or 150-250 faults per call in one process, depending on what ran before it, which swamps
+    the providers' differences at memory-bound shapes. The same for every provider; what
+    PyTorch's CUDA caching allocator does on a GPU. Returns what was set, for the machine line."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        if libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30):
+            return "glibc heap kept (mallopt)"
+    except (OSError, AttributeError):
+        pass
+    return "default allocator"
+
+
+HEAP = steady_heap()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,7 +77,7 @@ def machine() -> dict[str, str]:
 
 
 def machine_line() -> str:
-    return ", ".join(f"{k} {v}" for k, v in machine().items())
+    return ", ".join([*(f"{k} {v}" for k, v in machine().items()), HEAP])
 
 
 @dataclass
