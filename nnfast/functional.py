@@ -353,8 +353,32 @@ def mlp(
             " per weight"
         )
     act: ActivationSpec = activation if type(activation) is ActivationSpec else resolve(activation)
-    x, *params = _autocast_all(x, *weights, *biases)
-    weights, biases = params[: len(weights)], params[len(weights) :]
+    # As in dense(): the common call with a confirmed choice of PyTorch's path, in one pass
+    if (
+        backend is None
+        and not checkpoint
+        and _valid_mlp(x, weights, biases, act)
+        and x.dim() == 2
+        and not torch._C._is_any_autocast_enabled()
+        and _route(x, *weights, *biases) == EAGER
+        and _backends.env_backend() is None
+        and chooser.measuring()
+    ):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, *weights, *biases)
+        )
+        path = chooser.confirmed(
+            chooser.mlp_key(x, weights, biases, act, chooser.mlp_mode(x, needs_grad))
+        )
+        if path == chooser.UNFUSED:
+            return _mlp_unfused(x, weights, biases, act)
+        if path == chooser.FUSED:
+            name = _backends.select(None, x.device.type, x.dtype)
+            biases = [x.new_empty(0) if b is None else b for b in biases]
+            return _mlp_runner(name, needs_grad)(path, x, weights, biases, act, needs_grad)
+    if torch._C._is_any_autocast_enabled():
+        x, *params = _autocast_all(x, *weights, *biases)
+        weights, biases = params[: len(weights)], params[len(weights) :]
     if not _valid_mlp(x, weights, biases, act):
         _check_mlp_args(x, weights, biases, act)
     name = _backends.select(backend, x.device.type, x.dtype)

@@ -107,15 +107,19 @@ class FusedMLP(nn.Module):
         self.activation = act
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._layers_wrapped():
+        layers = list(self.layers._modules.values())
+        if self._layers_wrapped(layers):
             # Call the layers, as nn.Sequential would, so that whatever wraps them runs.
             if self.checkpoint and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(self._each_layer, x, use_reentrant=False)
             return self._each_layer(x)
+        # nothing wraps the layers (checked above): their parameters read directly, without
+        # nn.Module.__getattr__ per tensor (a small MLP's call is a few tens of microseconds)
+        params = [layer._parameters for layer in layers]
         return mlp(
             x,
-            [layer.weight for layer in self.layers],
-            [layer.bias for layer in self.layers],
+            [p["weight"] for p in params],
+            [p["bias"] for p in params],
             self.activation,
             checkpoint=self.checkpoint,
         )
@@ -125,7 +129,7 @@ class FusedMLP(nn.Module):
             x = layer(x)
         return x
 
-    def _layers_wrapped(self) -> bool:
+    def _layers_wrapped(self, layers: list[nn.Module]) -> bool:
         """Whether anything stands between this module and its layers' parameters: hooks (module
         or global), FSDP2's ``fully_shard`` (which swaps the layer's class and gathers DTensor
         shards in a pre-forward hook), parametrizations, a replaced ``forward`` or layer. The fused
@@ -137,7 +141,7 @@ class FusedMLP(nn.Module):
             or _module._global_backward_pre_hooks
         ):
             return True
-        for layer in self.layers:
+        for layer in layers:
             if (
                 type(layer) is not FusedDense
                 or layer._forward_hooks

@@ -370,3 +370,54 @@ def test_trial_calls_rotate_over_copies_of_the_operands(training, monkeypatch):
     monkeypatch.setattr(chooser, "_ROTATE_BYTES", 100)
     chooser.time_paths(["a", chooser.UNFUSED], x, [x, w, b], training, run)
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_mlp_runs_a_confirmed_choice_and_every_setting_still_counts(bias, monkeypatch):
+    torch.manual_seed(0)
+    model = nnfast.FusedMLP(6, [16, 16], 3, activation="silu", bias=bias)
+    x = torch.randn(40, 6)
+    ran = []
+    impl = nnfast._ops._mlp_forward_impl
+    monkeypatch.setattr(
+        nnfast._ops, "_mlp_forward_impl", lambda *a: ran.append("fused") or impl(*a)
+    )
+    with torch.no_grad():
+        want = eager_mlp_of(model, x)
+        model(x)
+    xg = x.clone().requires_grad_().clone()  # not a leaf: a plain training step
+    params = [xg, *model.parameters()]
+    g = torch.randn(40, 3)
+    want_grads = torch.autograd.grad(eager_mlp_of(model, xg), params, g)
+    model(xg)
+    assert len(chooser.decisions()) == 2
+    for d in chooser.decisions():
+        for choice in (chooser.FUSED, chooser.UNFUSED):
+            chooser._decisions[d.key] = chooser.Decision(d.key, choice, {}, 0, True)
+            ran.clear()
+            if d.key[5]:  # training
+                got = torch.autograd.grad(model(xg), params, g)
+                for a, b in zip(got, want_grads):
+                    torch.testing.assert_close(a, b)
+            else:
+                with torch.no_grad():
+                    torch.testing.assert_close(model(x), want)
+            assert ran == (["fused"] if choice == chooser.FUSED else []), (d.key, choice)
+    # with PyTorch's path confirmed for inference, the settings still reach the op
+    (infer,) = [d for d in chooser.decisions() if not d.key[5]]
+    chooser._decisions[infer.key] = chooser.Decision(infer.key, chooser.UNFUSED, {}, 0, True)
+    with torch.no_grad():
+        for setting in (
+            chooser.fixed(),
+            pytest.MonkeyPatch.context(),  # NNFAST_BACKEND, set inside
+        ):
+            with setting as mp:
+                if mp is not None:
+                    mp.setenv("NNFAST_BACKEND", "reference")
+                ran.clear()
+                torch.testing.assert_close(model(x), want)
+                assert ran == ["fused"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="mlp\\(\\): layer 0: x has last dimension 5"):
+            model(x[:, :5])

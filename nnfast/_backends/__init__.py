@@ -22,15 +22,22 @@ import torch
 
 NAMES: tuple[str, ...] = ("reference", "triton", "extension")
 ENV_VAR = "NNFAST_BACKEND"
-# os.environ.get encodes its key on every call (~1.5 us on a slow core, a tenth of a small
-# layer's whole call): the automatic path reads the encoded key's value directly
-_ENV_KEY = os.environ.encodekey(ENV_VAR)
+_ENCODED: dict[str, object] = {}
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, as set now, for the per-call path: os.environ.get encodes its key
+    on every call (~1.5 us on a slow core, a tenth of a small layer's whole call)."""
+    key = _ENCODED.get(name)
+    if key is None:
+        key = _ENCODED[name] = os.environ.encodekey(name)
+    value = os.environ._data.get(key)
+    return None if value is None else os.environ.decodevalue(value)
 
 
 def env_backend() -> str | None:
     """NNFAST_BACKEND's value as set now (None when unset or empty)."""
-    value = os.environ._data.get(_ENV_KEY)
-    return os.environ.decodevalue(value) if value else None
+    return getenv(ENV_VAR) or None
 
 
 # Automatic choice, best first, by device type.
@@ -42,7 +49,7 @@ _AUTO: dict[str, tuple[str, ...]] = {
 
 def fused_mlp_enabled() -> bool:
     """NNFAST_FUSED_MLP=0 makes every backend run MLPs layer by layer."""
-    return os.environ.get("NNFAST_FUSED_MLP", "1") != "0"
+    return getenv("NNFAST_FUSED_MLP") != "0"
 
 
 _MODULES: dict[str, ModuleType] = {}

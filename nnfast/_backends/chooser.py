@@ -307,7 +307,7 @@ def mlp_key(x: Tensor, weights: list[Tensor], biases: list[Tensor], act, trainin
         m_bucket(x.shape[0]),
         x.shape[1],
         tuple(w.shape[0] for w in weights),
-        tuple(b.numel() > 0 for b in biases),
+        tuple(b is not None and b.numel() > 0 for b in biases),
     )
 
 
