@@ -204,32 +204,8 @@ def main(argv=None) -> list[harness.Row]:
     print("\n## nnfast-auto decisions (path: measured time per call)\n")
     print(nnfast.dispatch_report())
     print()
-    print(worst_auto_line(rows))
+    print(harness.worst_line(rows, "nnfast-auto"))
     return rows
-
-
-def worst_auto_line(rows: list[harness.Row], goal: float = 1.02) -> str:
-    """The largest time ratio of the automatic choice to eager over the whole grid, and the rows
-    above ``goal`` by more than the run's own spread (the two rows' spreads added, relative to
-    eager): those are the ones the noise of this run does not explain."""
-    by = {}
-    for r in rows:
-        by.setdefault((r.mode, r.shape, r.dtype, r.activation), {})[r.provider] = r
-    ratios = []
-    for key, g in by.items():
-        if "nnfast-auto" in g and "eager" in g:
-            spread = (g["nnfast-auto"].spread_ms + g["eager"].spread_ms) / g["eager"].median_ms
-            ratios.append((g["nnfast-auto"].median_ms / g["eager"].median_ms, spread, key))
-    if not ratios:
-        return "worst nnfast-auto / eager: no rows"
-    ratio, spread, (mode, shape, dtype, act) = max(ratios)
-    beyond = [f"{r:.2f}x ±{s:.2f} at {' '.join(k)}" for r, s, k in sorted(ratios) if r - s > goal]
-    return (
-        f"worst nnfast-auto / eager over {len(ratios)} rows: {ratio:.3f}x at {mode} {shape} {dtype}"
-        f" {act} (the two rows' spread: ±{spread:.3f}x of eager)\n"
-        f"rows above {goal}x beyond their spread: {len(beyond)} of {len(ratios)}"
-        + "".join(f"\n  {b}" for b in beyond)
-    )
 
 
 if __name__ == "__main__":

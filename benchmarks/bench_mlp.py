@@ -24,9 +24,18 @@ import harness  # noqa: E402
 
 import nnfast  # noqa: E402
 
-CPU_CONFIGS = ["1024x3x1024@16384", "64x3x64@65536"]
+# small MLPs at small batches too (a coordinate network queried per point, a policy network per
+# step): there a call is a few tens of microseconds and the Python in front of it decides
+SMALL_CONFIGS = ["64x2x64@1", "64x2x64@8", "64x2x64@64"]
+CPU_CONFIGS = ["1024x3x1024@16384", "64x3x64@65536", *SMALL_CONFIGS]
 CPU_QUICK = ["256x3x256@4096", "64x3x64@16384"]
-GPU_CONFIGS = ["1024x3x1024@16384", "4096x3x4096@8192", "64x3x64@1048576", "128x4x128@262144"]
+GPU_CONFIGS = [
+    "1024x3x1024@16384",
+    "4096x3x4096@8192",
+    "64x3x64@1048576",
+    "128x4x128@262144",
+    *SMALL_CONFIGS,
+]
 GPU_QUICK = ["1024x3x1024@16384", "64x3x64@262144"]
 
 
@@ -108,34 +117,49 @@ def main(argv=None) -> list[harness.Row]:
                 return torch.autograd.grad(m(x), params, g)
 
             steps[name] = step
-        timings = harness.time_interleaved(steps, opt.device, opt.min_run_time)
-        for name, t in timings.items():
-            harness.record(
-                rows,
-                harness.Row(
-                    "mlp",
-                    name,
-                    "fwd+bwd",
-                    config,
-                    dname,
-                    activation,
-                    t.median_ms,
-                    t.spread_ms,
-                    6 * macs / (t.median_ms * 1e-3) / opt.scale,
-                    opt.unit,
-                    held[name],
-                ),
-                opt,
-            )
+        timings = {"fwd+bwd": harness.time_interleaved(steps, opt.device, opt.min_run_time)}
+        if config in SMALL_CONFIGS:  # inference too, where the call is short
+
+            def infer(m, x=x):
+                with torch.no_grad():
+                    return m(x)
+
+            models = providers(fused, activation, opt.device)
+            calls = {name: lambda m=m: infer(m) for name, m in models.items()}
+            timings["fwd"] = harness.time_interleaved(calls, opt.device, opt.min_run_time)
+        for mode, by_name in timings.items():
+            for name, t in by_name.items():
+                harness.record(
+                    rows,
+                    harness.Row(
+                        "mlp",
+                        name,
+                        mode,
+                        config,
+                        dname,
+                        activation,
+                        t.median_ms,
+                        t.spread_ms,
+                        (6 if mode == "fwd+bwd" else 2) * macs / (t.median_ms * 1e-3) / opt.scale,
+                        opt.unit,
+                        held[name] if mode == "fwd+bwd" else None,
+                    ),
+                    opt,
+                )
     harness.report(rows, opt, "nnfast MLP forward+backward", ["eager", "compile"])
+    print("\n## nnfast decisions (path: measured time per call)\n")
+    print(nnfast.dispatch_report())
+    print()
+    print(harness.worst_line(rows, "nnfast"))
     print()
     print("| config | dtype | act | provider | held for backward (MiB) | vs eager |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
+    for r in (r for r in rows if r.mode == "fwd+bwd"):
         base = next(
             e.peak_mb
             for e in rows
             if e.provider == "eager"
+            and e.mode == r.mode
             and (e.shape, e.dtype, e.activation) == (r.shape, r.dtype, r.activation)
         )
         ratio = f"{r.peak_mb / base:.2f}x" if base else "-"

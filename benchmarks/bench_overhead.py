@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import nnfast  # noqa: E402
+from nnfast.activations import resolve  # noqa: E402
+from nnfast.functional import _run  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -54,6 +56,15 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         for f in providers["infer"].values():
             f()
+        # the path the dispatcher chose, called directly: what the front end costs on its own
+        spec = resolve("gelu")
+        path = nnfast._backends.chooser.cached(
+            nnfast._backends.chooser.key_of(x, w, b, spec, False)
+        )
+        if path is not None:
+            providers["infer"][f"chosen path alone ({path})"] = lambda: _run(
+                path, x, w, b, spec, False
+            )
     for f in providers["train"].values():
         f()
     results = {}

@@ -350,3 +350,27 @@ def report(rows: Sequence[Row], settings: SimpleNamespace, title: str, alternati
     print(
         f"\nCSV: {settings.out_dir / (settings.name + '.csv')}" + (f"\nplot: {png}" if png else "")
     )
+
+
+def worst_line(rows: Sequence[Row], provider: str, baseline: str = "eager", goal: float = 1.02):
+    """The largest time ratio of ``provider`` to ``baseline`` over the whole grid, and the rows
+    above ``goal`` by more than the run's own spread (the two rows' spreads added, relative to
+    the baseline): those are the ones the noise of this run does not explain."""
+    by: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        by.setdefault((r.mode, r.shape, r.dtype, r.activation), {})[r.provider] = r
+    ratios = []
+    for key, g in by.items():
+        if provider in g and baseline in g:
+            spread = (g[provider].spread_ms + g[baseline].spread_ms) / g[baseline].median_ms
+            ratios.append((g[provider].median_ms / g[baseline].median_ms, spread, key))
+    if not ratios:
+        return f"worst {provider} / {baseline}: no rows"
+    ratio, spread, (mode, shape, dtype, act) = max(ratios)
+    beyond = [f"{r:.2f}x ±{s:.2f} at {' '.join(k)}" for r, s, k in sorted(ratios) if r - s > goal]
+    return (
+        f"worst {provider} / {baseline} over {len(ratios)} rows: {ratio:.3f}x at {mode} {shape}"
+        f" {dtype} {act} (the two rows' spread: ±{spread:.3f}x of {baseline})\n"
+        f"rows above {goal}x beyond their spread: {len(beyond)} of {len(ratios)}"
+        + "".join(f"\n  {b}" for b in beyond)
+    )
