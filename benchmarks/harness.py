@@ -101,6 +101,25 @@ def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0) ->
     return Timing(m.median * 1e3, m.iqr * 1e3)
 
 
+def settle(fn: Callable[[], object], limit_s: float = 60.0) -> None:
+    """Call ``fn`` until the nnfast decisions its calls advance are final (the dispatcher measures
+    a key again in the steady state, after 50 calls or a second): timings then see the choice a
+    long run makes, not the first one. Stops when a call advances none."""
+    import time
+
+    from nnfast._backends import chooser
+
+    def state():
+        return [(d.uses, d.confirmed) for d in chooser.decisions()]
+
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline and not all(d.confirmed for d in chooser.decisions()):
+        before = state()
+        fn()
+        if state() == before:
+            return
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], device: str, min_run_time: float = 1.0, rounds: int = 15
 ) -> dict[str, Timing]:
@@ -115,6 +134,7 @@ def time_interleaved(
     calls, slowest = {}, 0.0
     for name, fn in fns.items():  # warm-up, and how many calls fill one slice
         fn()
+        settle(fn)
         # two passes: the first may include one-time work (nnfast's dispatcher measures a key
         # again after 50 calls), the second estimates the call alone
         for _ in range(2):

@@ -421,3 +421,17 @@ def test_fused_mlp_runs_a_confirmed_choice_and_every_setting_still_counts(bias, 
             assert model(x).dtype == torch.bfloat16
         with pytest.raises(ValueError, match="mlp\\(\\): layer 0: x has last dimension 5"):
             model(x[:, :5])
+
+
+def test_a_slow_key_is_confirmed_after_seconds_not_fifty_calls(monkeypatch):
+    # an MLP step of a second would take a minute to reach 50 calls: time counts too
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    act = resolve("gelu")
+    run = _slow(chooser.UNFUSED, monkeypatch)
+    chooser.choose(x, w, b, act, False, run)
+    monkeypatch.setattr(chooser, "CONFIRM_AFTER_S", 0.0)
+    for _ in range(chooser.CONFIRM_MIN_USES - 1):
+        chooser.choose(x, w, b, act, False, run)
+        assert not chooser.decisions()[0].confirmed
+    chooser.choose(x, w, b, act, False, run)
+    assert chooser.decisions()[0].confirmed

@@ -41,27 +41,32 @@ def dense_table() -> str:
 
 def mlp_table() -> str:
     rows = list(csv.DictReader((RESULTS / "bench_mlp.csv").open()))
-    by: dict[tuple, dict[str, tuple[float, float]]] = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["activation"]), {})[r["provider"]] = (
+    by: dict[tuple, dict[str, tuple[float, float | None]]] = {}
+    for r in rows:  # the newest row of each provider wins; rows before the mode column: fwd+bwd
+        mode = r.get("mode") or "fwd+bwd"
+        peak = float(r["peak_mb"]) if r["peak_mb"] not in ("", "None") else None
+        by.setdefault((r["shape"], r["activation"], mode), {})[r["provider"]] = (
             float(r["median_ms"]),
-            float(r["peak_mb"]),
+            peak,
         )
     lines = [
-        "| MLP (width x hidden layers x out @ batch) | act"
-        " | fwd+bwd ms: nnfast / nnfast fused / checkpoint / eager / compile"
+        "| MLP (width x hidden layers x out @ batch) | act | mode"
+        " | ms: nnfast / nnfast fused / checkpoint / eager / compile"
         " | nnfast / eager time | held for backward MiB: nnfast / nnfast fused / checkpoint / eager"
         " | nnfast fused / eager memory |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (shape, act), d in by.items():
+    for (shape, act, mode), d in by.items():
         f, fx, c, e, co = (
             d[p] for p in ("nnfast", "nnfast-fused", "nnfast-checkpoint", "eager", "compile")
         )
+        held, ratio = "-", "-"
+        if mode == "fwd+bwd" and e[1]:
+            held = f"{f[1]:.0f} / {fx[1]:.0f} / {c[1]:.0f} / {e[1]:.0f}"
+            ratio = f"{fx[1] / e[1]:.2f}x"
         lines.append(
-            f"| {shape} | {act} | {f[0]:.1f} / {fx[0]:.1f} / {c[0]:.1f} / {e[0]:.1f} / {co[0]:.1f}"
-            f" | {f[0] / e[0]:.2f}x | {f[1]:.0f} / {fx[1]:.0f} / {c[1]:.0f} / {e[1]:.0f}"
-            f" | {fx[1] / e[1]:.2f}x |"
+            f"| {shape} | {act} | {mode} | {f[0]:.3g} / {fx[0]:.3g} / {c[0]:.3g} / {e[0]:.3g}"
+            f" / {co[0]:.3g} | {f[0] / e[0]:.2f}x | {held} | {ratio} |"
         )
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ lookup). On the first call for a key (device, dtype, activation and its paramete
 inference, bias or not, M rounded up to a power of two, N, K) every path that can run it is
 timed on that call's own tensors, interleaved, medians; the fastest is kept if it beats the
 unfused path by at least ``MARGIN`` (3%), else the unfused path (a near-tie is noise). After
-``CONFIRM_AFTER`` calls with the key the measurement is made once more, in the steady state, and
-that one is final (and the one kept on disk).
+``CONFIRM_AFTER`` calls with the key (or ``CONFIRM_AFTER_S`` seconds, for slow calls) the
+measurement is made once more, in the steady state, and that one is final (and the one kept on
+disk).
 
 Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`` (or
 ``set_dispatch("fixed")``) turns measuring off: the fixed order of ``nnfast._backends.select``.
@@ -60,10 +61,12 @@ class Decision:
     key: tuple
     choice: str
     times_ms: dict[str, float] = field(default_factory=dict)
-    # calls since the first measurement; at CONFIRM_AFTER the key is measured again, in the
-    # program's steady state (warm caches and thread pools), and that measurement decides
+    # calls since the first measurement; at CONFIRM_AFTER (or CONFIRM_AFTER_S) the key is
+    # measured again, in the program's steady state (warm caches and thread pools), and that
+    # measurement decides
     uses: int = 0
     confirmed: bool = False
+    made_at: float = field(default_factory=time.perf_counter)
 
     def describe(self) -> str:
         times = ", ".join(
@@ -334,8 +337,12 @@ def choose_mlp(x: Tensor, weights: list, biases: list, act, training: int, run_p
 
 # A first call often meets cold caches and thread pools just woken from other work, and its
 # measurement can be off by tens of percent at small shapes: the decision is made again once the
-# key has been used this many times, and that second measurement is final.
+# key has been used this many times, and that second measurement is final. Slow calls (an MLP
+# step of a second) reach their steady state in fewer calls: after CONFIRM_AFTER_S seconds and
+# CONFIRM_MIN_USES calls, whichever comes first with the count above.
 CONFIRM_AFTER = 50
+CONFIRM_AFTER_S = 1.0
+CONFIRM_MIN_USES = 3
 
 
 def _decide(key: tuple, x: Tensor, measure_fn) -> str:
@@ -349,7 +356,10 @@ def _decide(key: tuple, x: Tensor, measure_fn) -> str:
         _log(decision)
     elif not decision.confirmed:
         decision.uses += 1
-        if decision.uses >= CONFIRM_AFTER:
+        if decision.uses >= CONFIRM_AFTER or (
+            decision.uses >= CONFIRM_MIN_USES
+            and time.perf_counter() - decision.made_at >= CONFIRM_AFTER_S
+        ):
             decision = measure_fn()
             decision.confirmed = True
             _decisions[key] = decision
