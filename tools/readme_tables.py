@@ -39,6 +39,12 @@ def dense_table() -> str:
     return "\n".join(lines)
 
 
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.3f}"
+
+
 def mlp_table() -> str:
     rows = list(csv.DictReader((RESULTS / "bench_mlp.csv").open()))
     by: dict[tuple, dict[str, tuple[float, float | None]]] = {}
@@ -62,11 +68,11 @@ def mlp_table() -> str:
         )
         held, ratio = "-", "-"
         if mode == "fwd+bwd" and e[1]:
-            held = f"{f[1]:.0f} / {fx[1]:.0f} / {c[1]:.0f} / {e[1]:.0f}"
+            held = " / ".join(_num(v[1]) for v in (f, fx, c, e))
             ratio = f"{fx[1] / e[1]:.2f}x"
+        times = " / ".join(_num(v[0]) for v in (f, fx, c, e, co))
         lines.append(
-            f"| {shape} | {act} | {mode} | {f[0]:.3g} / {fx[0]:.3g} / {c[0]:.3g} / {e[0]:.3g}"
-            f" / {co[0]:.3g} | {f[0] / e[0]:.2f}x | {held} | {ratio} |"
+            f"| {shape} | {act} | {mode} | {times} | {f[0] / e[0]:.2f}x | {held} | {ratio} |"
         )
     return "\n".join(lines)
 

@@ -239,10 +239,9 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
     # reach the enclosing hooks (its recomputation, which finds the decision made, would then save
     # fewer tensors). Only there: hooks cost a Python call per saved tensor, more for PyTorch's
     # own autograd nodes than for nnfast's, which would bias every other measurement.
-    hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     with (
         torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-        if hooked
+        if _saved_tensors_hooked()
         else contextlib.nullcontext()
     ):
         # warm-up (first-use builds, autotuning, allocator), and the calls per timed block: a
@@ -262,6 +261,15 @@ def time_paths(paths: list[str], x: Tensor, tensors: list, training: int, run) -
             if r >= 2 and time.perf_counter() > deadline:
                 break
     return {p: statistics.median(s) * 1e3 for p, s in samples.items()}
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks (a checkpoint's, an offload's) are active on this thread."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False) is not None
+    except TypeError:  # releases before its ignore_is_tracing argument
+        return top() is not None
 
 
 def _copy(t: Tensor | None) -> Tensor | None:
