@@ -128,6 +128,9 @@ def time_interleaved(
     machine's drift and other tenants hit all providers alike); median and interquartile range
     over the rounds. On a GPU each provider goes through ``time_fn`` (do_bench is stable there)."""
     if device == "cuda":
+        for fn in fns.values():
+            fn()
+            settle(fn)
         return {name: time_fn(fn, device, min_run_time) for name, fn in fns.items()}
     import time
 
