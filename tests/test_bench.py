@@ -90,3 +90,58 @@ def test_bench_fuse_runs(tmp_path, capsys):
     }
     assert "nnfast.fuse: 3 fused" in capsys.readouterr().out
     assert (tmp_path / "bench_fuse.csv").exists()
+
+
+def test_small_mlp_configs_time_inference_too_and_print_the_worst_line(tmp_path, capsys):
+    rows = bench_mlp.main(
+        ["--configs", "64x2x64@1", "--activations", "relu", "--min-run-time", "0.01"]
+        + ["--out-dir", str(tmp_path)]
+    )
+    assert {r.mode for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r.peak_mb is None for r in rows if r.mode == "fwd")
+    out = capsys.readouterr().out
+    assert "worst nnfast / eager over 2 rows" in out and "nnfast decisions" in out
+
+
+def test_worst_line_flags_only_rows_beyond_their_spread():
+    import harness
+
+    def row(provider, shape, ms, spread):
+        return harness.Row("dense", provider, "fwd", shape, "fp32", "gelu", ms, spread, 1.0, "x")
+
+    rows = [
+        row("eager", "a", 1.0, 0.01),
+        row("nnfast-auto", "a", 1.10, 0.01),  # 1.10x +-0.02: beyond
+        row("eager", "b", 1.0, 0.10),
+        row("nnfast-auto", "b", 1.10, 0.10),  # 1.10x +-0.20: within the run's spread
+        row("eager", "c", 1.0, 0.01),
+        row("nnfast-auto", "c", 0.90, 0.01),
+    ]
+    line = harness.worst_line(rows, "nnfast-auto")
+    assert "over 3 rows" in line and "1 of 3" in line and "at fwd a fp32 gelu" in line
+    assert "1.10x ±0.02 at fwd a" in line and "at fwd b" not in line.split("\n", 2)[2]
+
+
+def test_settle_times_after_the_decisions_are_final(monkeypatch):
+    import harness
+    import torch
+
+    import nnfast
+    from nnfast._backends import chooser
+
+    monkeypatch.setattr(chooser, "_mode", "measure")
+    monkeypatch.delenv("NNFAST_BACKEND", raising=False)
+    saved = dict(chooser._decisions)
+    chooser.clear()
+    try:
+        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        fn = lambda: nnfast.dense(x, w, None, "silu")  # noqa: E731
+        fn()
+        assert not chooser.decisions()[0].confirmed
+        harness.settle(fn)
+        assert chooser.decisions()[0].confirmed
+        harness.settle(lambda: None)  # nothing to advance: returns at once
+    finally:
+        chooser.clear()
+        chooser._decisions.update(saved)
+    assert harness.HEAP in ("glibc heap kept (mallopt)", "default allocator")
