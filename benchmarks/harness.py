@@ -138,8 +138,8 @@ def time_interleaved(
     for name, fn in fns.items():  # warm-up, and how many calls fill one slice
         fn()
         settle(fn)
-        # two passes: the first may include one-time work (nnfast's dispatcher measures a key
-        # again after 50 calls), the second estimates the call alone
+        # two passes: the first may include one-time work left after the warm-up, the second
+        # estimates the call alone
         for _ in range(2):
             start, n = time.perf_counter(), 0
             while n < 1 or time.perf_counter() - start < 0.02:

@@ -435,3 +435,87 @@ def test_a_slow_key_is_confirmed_after_seconds_not_fifty_calls(monkeypatch):
         assert not chooser.decisions()[0].confirmed
     chooser.choose(x, w, b, act, False, run)
     assert chooser.decisions()[0].confirmed
+
+
+def _layouts(m: int, k: int, n: int, rows: int):
+    """(name, x, weight, bias) in the layouts a user can pass: contiguous, transposed, sliced,
+    offset views, expanded (stride-0) and strided biases, no bias."""
+    x = torch.randn(m, k)
+    w, b = torch.randn(rows, k) / k**0.5, torch.randn(rows)
+    yield "contiguous", x, w, b
+    yield "x transposed", torch.randn(k, m).t(), w, b
+    yield "x sliced", torch.randn(m, 2 * k)[:, ::2], w, b
+    yield "x offset view", torch.randn(m + 3, k)[3:], w, b
+    yield "weight transposed", x, (torch.randn(k, rows) / k**0.5).t(), b
+    yield "weight sliced", x, (torch.randn(rows, 2 * k) / k**0.5)[:, 1::2], b
+    yield "bias expanded", x, w, torch.randn(1).expand(rows)
+    yield "bias strided", x, w, torch.randn(2 * rows)[::2]
+    yield "no bias", x, w, None
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("m", [0, 1, 7])
+def test_confirmed_path_every_layout_against_float64(activation, training, m, monkeypatch):
+    # every path the dispatcher can confirm, run by dense()'s one-pass route (the general route's
+    # measuring is made to fail, so a call that reached it would show), against float64
+    from helpers import assert_close, torch_dense
+
+    act = resolve(activation)
+    k, n = 12, 10
+    rows = 2 * n if act.is_gated else n
+    monkeypatch.setattr(chooser, "_decide", lambda *a: pytest.fail("general route taken"))
+    for path in chooser.candidates(torch.randn(max(m, 1), k), act, training):
+        for name, *tensors in _layouts(m, k, n, rows):
+            what = f"{path} {name} M={m} {'train' if training else 'infer'}"
+            # the layout itself goes in (a view with no history is a leaf, gradients and all)
+            tensors = [t.requires_grad_(training) if t is not None else None for t in tensors]
+            key = chooser.key_of(*tensors, act, training)
+            chooser._decisions[key] = chooser.Decision(key, path, {}, 0, True)
+            with torch.set_grad_enabled(training):
+                out = nnfast.dense(*tensors, activation)
+                same = torch_dense(*tensors, act)  # PyTorch in float32: the tolerance's base
+            r64 = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+            ref64 = torch_dense(*r64, act)
+            assert_close(out, same, ref64, what)
+            if training:
+                g = torch.randn_like(out)
+                wrt = [t for t in tensors if t is not None]
+                got = torch.autograd.grad(out, wrt, g)
+                base = torch.autograd.grad(same, wrt, g)
+                want = torch.autograd.grad(ref64, [t for t in r64 if t is not None], g.double())
+                for a, s_, e, t in zip(got, base, want, "xwb"):
+                    assert_close(a, s_, e, f"{what} grad {t}")
+            chooser._decisions.pop(key)
+
+
+def test_confirmed_mlp_path_every_layout_against_float64(monkeypatch):
+    from helpers import assert_close, eager_mlp
+
+    monkeypatch.setattr(chooser, "_decide", lambda *a: pytest.fail("general route taken"))
+    act = resolve("silu")
+    for m in (0, 1, 7):
+        for name, x, w0, b0 in _layouts(m, 12, 10, 10):
+            w1, b1 = torch.randn(10, 6).t(), None  # a second layer: transposed, no bias
+            weights, biases = [w0, w1], [b0, b1]
+            for training in (False, True):
+                params = [t.requires_grad_(training) for t in (x, w0, w1)]
+                key = chooser.mlp_key(x, weights, biases, act, chooser.mlp_mode(x, training))
+                for path in (chooser.FUSED, chooser.UNFUSED):
+                    what = f"mlp {path} {name} M={m} {'train' if training else 'infer'}"
+                    chooser._decisions[key] = chooser.Decision(key, path, {}, 0, True)
+                    with torch.set_grad_enabled(training):
+                        out = nnfast.mlp(x, weights, biases, act)
+                        same = eager_mlp(x, weights, biases, act)
+                    r = [t.detach().double().requires_grad_() for t in params]
+                    rb = [b0.detach().double() if b0 is not None else None, None]
+                    ref64 = eager_mlp(r[0], r[1:], rb, act)
+                    assert_close(out, same, ref64, what)
+                    if training:
+                        g = torch.randn_like(out)
+                        got = torch.autograd.grad(out, params, g)
+                        base = torch.autograd.grad(same, params, g)
+                        want = torch.autograd.grad(ref64, r, g.double())
+                        for a, s_, e in zip(got, base, want):
+                            assert_close(a, s_, e, f"{what} grad")
+                chooser._decisions.pop(key)
