@@ -14,7 +14,7 @@ $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
 
 # csrc/ in the prerequisites: an edited C++ source is rebuilt before the tests use it
-$(STAMP): $(PY) requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+$(STAMP): $(PY) requirements-dev.txt setup.py pyproject.toml nnfast/_build.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)

@@ -1,13 +1,7 @@
 // nnfast._C: operator schemas. Device implementations register in cpu/*.cpp and cuda/*.cu;
-// fake kernels and autograd live in Python (nnfast/_backends/extension.py, nnfast/_ops.py).
-#include <Python.h>
+// fake kernels and autograd live in Python (nnfast/_backends/extension.py, nnfast/_ops.py); the
+// Python module itself (the front end's fast path) is fast.cpp.
 #include <torch/library.h>
-
-// An empty Python module, so that `import nnfast._C` loads the library and its registrations.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(nnfast_ext, m) {
   // x: (M, K) any strides, weight: (N, K), bias: (N,) -> out (M, N), pre (M, N) or (0,).

@@ -16,7 +16,11 @@ CSRC = ROOT / "csrc"
 
 
 def cpu_sources() -> list[str]:
-    return [str(CSRC / "ops.cpp"), *sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))]
+    return [
+        str(CSRC / "ops.cpp"),
+        str(CSRC / "fast.cpp"),
+        *sorted(glob.glob(str(CSRC / "cpu" / "*.cpp"))),
+    ]
 
 
 def cuda_sources() -> list[str]:

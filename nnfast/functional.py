@@ -11,6 +11,7 @@ from torch.autograd import forward_ad
 
 from nnfast import _backends, _ops
 from nnfast._backends import chooser
+from nnfast._backends import extension as _extension
 from nnfast.activations import ActivationSpec, resolve
 
 
@@ -180,6 +181,31 @@ def _run(
     return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn, backend)[0]
 
 
+def _run_any(
+    path: str, x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec
+) -> Tensor:
+    """``_run`` for x of any number of dimensions (flattened to rows and back)."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if x.dim() == 2:
+        return _run(path, x, weight, bias, act, needs_grad)
+    out = _run(path, x.reshape(-1, x.shape[-1]), weight, bias, act, needs_grad)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """Whether a call with no explicit backend is an automatic call in plain eager mode (no
+    autocast, NNFAST_BACKEND, fixed dispatch, transforms or modes): what csrc/fast.cpp's fast
+    path may run."""
+    return (
+        not torch._C._is_any_autocast_enabled()
+        and _backends.env_backend() is None
+        and _route(*tensors) == EAGER
+        and chooser.measuring()
+    )
+
+
 def _explicit(backend: str | None) -> bool:
     return backend is not None or _backends.env_backend() is not None
 
@@ -215,26 +241,12 @@ def dense(
         ``(..., out_features)`` in x's dtype (``out_features = weight.shape[0] // 2`` if gated).
     """
     act = activation if type(activation) is ActivationSpec else resolve(activation)
-    # The common call in one pass: automatic backend, a valid layer on a 2-D x, plain eager mode
-    # (no autocast, transforms or modes), and a confirmed decision for its key, one lookup. A
-    # small layer's whole call is a few tens of microseconds: every step here is one of them.
-    if (
-        backend is None
-        and _valid_x(x)
-        and x.dim() == 2
-        and _valid_layer(x, x.shape[1], weight, bias, act.is_gated)
-        and x.shape[1]
-        and not torch._C._is_any_autocast_enabled()
-        and _route(x, weight, bias) == EAGER
-        and _backends.env_backend() is None
-        and chooser.measuring()
-    ):
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        path = chooser.confirmed(chooser.key_of(x, weight, bias, act, needs_grad))
-        if path is not None:
-            return _run(path, x, weight, bias, act, needs_grad)
+    # The common call (automatic backend, plain eager mode, a valid layer whose key has a
+    # confirmed decision) in one C++ call: the result, or the path for Python to run
+    if backend is None and _extension.fast is not None and _plain_eager(x, weight, bias):
+        out = _extension.fast.dense(x, weight, bias, act, chooser._decisions)
+        if out is not None:
+            return out if type(out) is not str else _run_any(out, x, weight, bias, act)
     if torch._C._is_any_autocast_enabled():
         x, weight, bias = _autocast_all(x, weight, bias)
     _check_dense_args(x, weight, bias, act)
@@ -353,29 +365,19 @@ def mlp(
             " per weight"
         )
     act: ActivationSpec = activation if type(activation) is ActivationSpec else resolve(activation)
-    # As in dense(): the common call with a confirmed choice of PyTorch's path, in one pass
+    # As in dense(): the common call in one C++ call
     if (
         backend is None
         and not checkpoint
-        and _valid_mlp(x, weights, biases, act)
-        and x.dim() == 2
-        and not torch._C._is_any_autocast_enabled()
-        and _route(x, *weights, *biases) == EAGER
-        and _backends.env_backend() is None
-        and chooser.measuring()
+        and _extension.fast is not None
+        and _plain_eager(x, *weights, *biases)
     ):
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, *weights, *biases)
-        )
-        path = chooser.confirmed(
-            chooser.mlp_key(x, weights, biases, act, chooser.mlp_mode(x, needs_grad))
-        )
-        if path == chooser.UNFUSED:
-            return _mlp_unfused(x, weights, biases, act)
-        if path == chooser.FUSED:
+        out = _extension.fast.mlp(x, weights, biases, act, chooser._decisions)
+        if out is not None:
+            if type(out) is not str:
+                return out
             name = _backends.select(None, x.device.type, x.dtype)
-            biases = [x.new_empty(0) if b is None else b for b in biases]
-            return _mlp_runner(name, needs_grad)(path, x, weights, biases, act, needs_grad)
+            return _mlp_path(out, x, weights, biases, act, name, False)
     if torch._C._is_any_autocast_enabled():
         x, *params = _autocast_all(x, *weights, *biases)
         weights, biases = params[: len(weights)], params[len(weights) :]
@@ -385,6 +387,25 @@ def mlp(
     route = _route(x, *weights, *biases)
     if any(0 in w.shape for w in weights) or route == COMPOSITE:
         return _mlp_unfused(x, weights, biases, act)
+    if route == EAGER:
+        path = chooser.FUSED
+        if not checkpoint and not _explicit(backend) and chooser.measuring():
+            path = None  # measured
+        return _mlp_path(path, x, weights, biases, act, name, checkpoint)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *weights, *biases)
+    )
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    biases = [x.new_empty(0) if b is None else b for b in biases]
+    out, _ = _ops.mlp_fwd(
+        x2, weights, biases, act.name, act.param, needs_grad and not checkpoint, name
+    )
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _mlp_path(path, x, weights, biases, act, backend: str, checkpoint: bool) -> Tensor:
+    """An MLP in eager mode through ``path`` (None: the dispatcher's measured choice) on x of any
+    number of dimensions (flattened to rows and back)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(
@@ -393,14 +414,8 @@ def mlp(
     # a missing bias is an empty tensor: the op's autograd needs a list of tensors to return one
     # gradient per bias (a list holding None is a single leaf to it)
     biases = [x.new_empty(0) if b is None else b for b in biases]
-    save = needs_grad and not checkpoint
-    if route == EAGER:
-        run, path = _mlp_runner(name, save), chooser.FUSED
-        if not checkpoint and not _explicit(backend) and chooser.measuring():
-            path = chooser.choose_mlp(
-                x2, weights, biases, act, chooser.mlp_mode(x, needs_grad), run
-            )
-        out = run(path, x2, weights, biases, act, needs_grad)
-    else:
-        out, _ = _ops.mlp_fwd(x2, weights, biases, act.name, act.param, save, name)
+    run = _mlp_runner(backend, needs_grad and not checkpoint)
+    if path is None:
+        path = chooser.choose_mlp(x2, weights, biases, act, chooser.mlp_mode(x, needs_grad), run)
+    out = run(path, x2, weights, biases, act, needs_grad)
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

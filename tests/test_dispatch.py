@@ -519,3 +519,211 @@ def test_confirmed_mlp_path_every_layout_against_float64(monkeypatch):
                         for a, s_, e in zip(got, base, want):
                             assert_close(a, s_, e, f"{what} grad")
                 chooser._decisions.pop(key)
+
+
+# ---- csrc/fast.cpp: the common call in one C++ call ----------------------------------------------
+
+
+def _fast():
+    from nnfast._backends import extension
+
+    assert extension.unavailable() is None, extension.unavailable()
+    return extension.fast
+
+
+def _confirmed(key, choice):
+    return {key: chooser.Decision(key, choice, {}, 0, True)}
+
+
+def _dense_cases():
+    leaky = resolve(torch.nn.LeakyReLU(0.2))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for act in (resolve("gelu"), leaky, resolve("swiglu")):
+            for lead in ((0,), (1,), (3,), (8,), (9,), (2, 5)):
+                for bias in (True, False):
+                    for grad in ("none", "x", "weight"):
+                        k, rows = 6, 8
+                        x = torch.randn(*lead, k, dtype=dtype)
+                        w = torch.randn(rows, k, dtype=dtype)
+                        b = torch.randn(rows, dtype=dtype) if bias else None
+                        if grad != "none":
+                            (x if grad == "x" else w).requires_grad_()
+                        yield act, x, w, b
+
+
+def test_fast_path_key_is_the_dispatchers_key():
+    # the C++ key must be chooser.key_of's: a confirmed decision under the Python key is found
+    # (the probe choice comes back for Python to run), and nothing is found under another key
+    fast = _fast()
+    for act, x, w, b in _dense_cases():
+        needs_grad = x.requires_grad or w.requires_grad
+        key = chooser.key_of(x.reshape(-1, x.shape[-1]), w, b, act, needs_grad)
+        what = f"{act} x {tuple(x.shape)} {x.dtype} bias={b is not None} grad={needs_grad}"
+        assert fast.dense(x, w, b, act, _confirmed(key, "probe")) == "probe", what
+        assert fast.dense(x, w, b, act, {key: chooser.Decision(key, "probe")}) is None, what
+        with torch.no_grad():  # another key: inference
+            expect = None if needs_grad else "probe"
+            assert fast.dense(x, w, b, act, _confirmed(key, "probe")) == expect, what
+        other = (*key[:-1], key[-1] + 1)
+        assert fast.dense(x, w, b, act, _confirmed(other, "probe")) is None, what
+
+
+def test_fast_path_mlp_key_is_the_dispatchers_key():
+    fast = _fast()
+    for act in (resolve("silu"), resolve(torch.nn.LeakyReLU(0.3)), resolve("geglu")):
+        rows = 2 if act.is_gated else 1
+        for lead in ((0,), (1,), (5,), (2, 3)):
+            for biases in ("all", "none", "some"):
+                for mode in ("infer", "leaf x", "non-leaf x", "weights"):
+                    x = torch.randn(*lead, 6)
+                    ws = [torch.randn(4 * rows, 6), torch.randn(3 * rows, 4), torch.randn(5, 3)]
+                    bs = {
+                        "all": [torch.randn(w.shape[0]) for w in ws],
+                        "none": [None] * 3,
+                        "some": [None, torch.randn(3 * rows), torch.randn(5)],
+                    }[biases]
+                    if mode == "leaf x":
+                        x.requires_grad_()
+                    elif mode == "non-leaf x":
+                        x = torch.randn(*lead, 6, requires_grad=True) * 1.0
+                    elif mode == "weights":
+                        ws[1].requires_grad_()
+                    needs_grad = mode != "infer"
+                    x2 = x.reshape(-1, 6)
+                    key = chooser.mlp_key(x2, ws, bs, act, chooser.mlp_mode(x, needs_grad))
+                    what = f"{act} x {tuple(x.shape)} biases {biases} {mode}"
+                    assert fast.mlp(x, ws, bs, act, _confirmed(key, "probe")) == "probe", what
+                    assert fast.mlp(x, ws, bs, act, {key: chooser.Decision(key, "probe")}) is None
+                    other = (*key[:-1], (*key[-1][:-1], not key[-1][-1]))
+                    assert fast.mlp(x, ws, bs, act, _confirmed(other, "probe")) is None, what
+
+
+def _gradients(out, leaves):
+    g = torch.ones_like(out).normal_(generator=torch.Generator().manual_seed(1))
+    return torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_path_unfused_is_pytorch_bitwise(training):
+    # the C++ unfused path runs the table's PyTorch math as the same ATen calls: every activation,
+    # outputs and gradients identical to act(F.linear(...)) (2-D and 3-D x, with and without bias)
+    from nnfast.activations import TABLE, ActivationSpec
+
+    fast = _fast()
+    for row in TABLE:
+        act = ActivationSpec(row, 0.2 if row.name == "leaky_relu" else row.default_param)
+        rows = 10 if act.is_gated else 5
+        for lead, bias in (((7,), True), ((2, 3), False)):
+            x = torch.randn(*lead, 4, requires_grad=training)
+            w = torch.randn(rows, 4, requires_grad=training)
+            b = torch.randn(rows, requires_grad=training) if bias else None
+            key = chooser.key_of(x.reshape(-1, 4), w, b, act, training)
+            with torch.set_grad_enabled(training):
+                got = fast.dense(x, w, b, act, _confirmed(key, chooser.UNFUSED))
+                want = act(torch.nn.functional.linear(x, w, b))
+            what = f"{act} x {tuple(x.shape)} bias={bias}"
+            assert isinstance(got, torch.Tensor), what
+            assert torch.equal(got, want), what
+            if training:
+                leaves = [t for t in (x, w, b) if t is not None]
+                for a, e in zip(_gradients(got, leaves), _gradients(want, leaves)):
+                    assert torch.equal(a, e), what
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_path_mlp_unfused_is_pytorch_bitwise(training):
+    from helpers import eager_mlp
+
+    fast = _fast()
+    for name in ("relu", "gelu_tanh", "quick_gelu", "swiglu"):
+        act = resolve(name)
+        rows = 2 if act.is_gated else 1
+        x = torch.randn(2, 3, 6, requires_grad=training)
+        ws = [torch.randn(4 * rows, 6, requires_grad=training), torch.randn(5, 4)]
+        bs = [torch.randn(4 * rows, requires_grad=training), None]
+        key = chooser.mlp_key(x.reshape(-1, 6), ws, bs, act, chooser.mlp_mode(x, training))
+        with torch.set_grad_enabled(training):
+            got = fast.mlp(x, ws, bs, act, _confirmed(key, chooser.UNFUSED))
+            want = eager_mlp(x, ws, bs, act)
+        assert torch.equal(got, want), name
+        if training:
+            leaves = [x, ws[0], bs[0]]
+            for a, e in zip(_gradients(got, leaves), _gradients(want, leaves)):
+                assert torch.equal(a, e), name
+
+
+def test_fast_path_declines_what_it_does_not_check():
+    # None (Python's general path, with its checks and messages) for anything unusual, even with a
+    # decision confirmed for every key the call could have
+    fast = _fast()
+    act = resolve("gelu")
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+
+    class Sub(torch.Tensor):
+        pass
+
+    everything = type("AnyKey", (dict,), {"get": lambda self, k: None})()
+    key = chooser.key_of(x, w, b, act, False)
+    yes = _confirmed(key, chooser.UNFUSED)
+    assert isinstance(fast.dense(x, w, b, act, yes), torch.Tensor)
+    for what, args in {
+        "x subclass": (x.as_subclass(Sub), w, b),
+        "weight subclass": (x, w.as_subclass(Sub), b),
+        "integer x": (x.long(), w, b),
+        "0-d x": (torch.tensor(1.0), w, b),
+        "in_features mismatch": (torch.randn(3, 6), w, b),
+        "weight 1-D": (x, torch.randn(4), b),
+        "weight dtype": (x, w.double(), b),
+        "bias dtype": (x, w, b.double()),
+        "bias shape": (x, w, torch.randn(4)),
+        "bias 2-D": (x, w, b[None]),
+        "not a tensor": (x.tolist(), w, b),
+        "bias not a tensor": (x, w, 1.0),
+        "in_features 0": (torch.randn(3, 0), torch.randn(5, 0), b),
+    }.items():
+        assert fast.dense(*args, act, yes) is None, what
+        assert fast.dense(*args, act, everything) is None, what
+    assert fast.dense(x, torch.randn(5, 4), b, resolve("swiglu"), yes) is None  # odd gated rows
+    ws, bs = [torch.randn(5, 4), torch.randn(2, 5)], [None, None]
+    mkey = chooser.mlp_key(x, ws, bs, act, 0)
+    assert isinstance(fast.mlp(x, ws, bs, act, _confirmed(mkey, chooser.UNFUSED)), torch.Tensor)
+    for what, args in {
+        "widths do not chain": (x, [ws[0], torch.randn(2, 4)], bs),
+        "tuple of weights": (x, tuple(ws), bs),
+        "one bias too few": (x, ws, [None]),
+        "a weight not a tensor": (x, [ws[0], 1.0], bs),
+        "a layer of width 0": (x, [torch.randn(0, 4), torch.randn(2, 0)], bs),
+        "weight dtype": (x, [ws[0], ws[1].double()], bs),
+    }.items():
+        assert fast.mlp(*args, act, _confirmed(mkey, chooser.UNFUSED)) is None, what
+
+
+def test_confirmed_paths_on_3d_input_against_float64():
+    # (batch, tokens, features) inputs, as transformer blocks pass them: the fast path flattens and
+    # restores the leading dimensions for every path it can be handed
+    from helpers import assert_close, torch_dense
+
+    act = resolve("gelu")
+    for training in (False, True):
+        for path in chooser.candidates(torch.randn(6, 8), act, training):
+            x = torch.randn(8, 3, 2).transpose(0, 2)[:, :, :8].requires_grad_(training)
+            w = torch.randn(5, 8, requires_grad=training)
+            b = torch.randn(5, requires_grad=training)
+            key = chooser.key_of(x.reshape(-1, 8), w, b, act, training)
+            chooser._decisions[key] = chooser.Decision(key, path, {}, 0, True)
+            with torch.set_grad_enabled(training):
+                out = nnfast.dense(x, w, b, act)
+                same = torch_dense(x, w, b, act)
+            r64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+            ref64 = torch_dense(*r64, act)
+            what = f"{path} {'train' if training else 'infer'}"
+            assert out.shape == (2, 3, 5), what
+            assert_close(out, same, ref64, what)
+            if training:
+                g = torch.randn_like(out)
+                got = torch.autograd.grad(out, (x, w, b), g)
+                base = torch.autograd.grad(same, (x, w, b), g)
+                want = torch.autograd.grad(ref64, r64, g.double())
+                for a, s_, e in zip(got, base, want):
+                    assert_close(a, s_, e, what)
+            chooser._decisions.pop(key)

@@ -22,6 +22,9 @@ from nnfast import _build
 from nnfast.activations import TABLE, ActivationSpec
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# nnfast._C's Python module once loaded (prebuilt or JIT-built): the front end's fast path
+# (csrc/fast.cpp, used by nnfast.functional); None until then, or where the build failed
+fast = None
 
 
 def cache_dir() -> Path:
@@ -30,8 +33,8 @@ def cache_dir() -> Path:
     return base / f"torch{torch.__version__.split('+')[0]}-{flavour}"
 
 
-def jit_build(build_dir: Path | None = None, verbose: bool = False) -> None:
-    """Compile and load the extension with ninja (cached in ``build_dir``)."""
+def jit_build(build_dir: Path | None = None, verbose: bool = False):
+    """Compile and load the extension with ninja (cached in ``build_dir``); its Python module."""
     from torch.utils import cpp_extension
 
     build_dir = Path(build_dir or cache_dir())
@@ -44,13 +47,13 @@ def jit_build(build_dir: Path | None = None, verbose: bool = False) -> None:
             "extra_cuda_cflags": _build.nvcc_flags(),
             "extra_include_paths": _build.cublaslt_include_dirs(),
         }
-    cpp_extension.load(
+    return cpp_extension.load(
         name="nnfast_C",
         sources=sources,
         extra_cflags=_build.cxx_flags(),
         extra_ldflags=_build.link_flags() + (_build.cublaslt_link_flags() if kwargs else []),
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=verbose,
         **kwargs,
     )
@@ -61,9 +64,9 @@ def _load_error() -> str | None:
     """Load nnfast._C (prebuilt, else JIT-built); the reason it failed, or None."""
     if os.environ.get("NNFAST_FORCE_JIT", "0") != "1":
         try:
-            import nnfast._C  # noqa: F401
+            import nnfast._C as module
 
-            return _register_fakes()
+            return _loaded(module)
         except ImportError:
             pass
     print(
@@ -72,7 +75,7 @@ def _load_error() -> str | None:
         flush=True,
     )
     try:
-        jit_build()
+        module = jit_build()
     except Exception as e:  # a compiler error, missing ninja, ...
         msg = f"building nnfast._C failed: {type(e).__name__}: {e}"
         warnings.warn(
@@ -82,7 +85,15 @@ def _load_error() -> str | None:
             stacklevel=3,
         )
         return msg
-    return _register_fakes()
+    return _loaded(module)
+
+
+def _loaded(module) -> str | None:
+    global fast
+    error = _register_fakes()
+    if error is None:
+        fast = module
+    return error
 
 
 def _register_fakes() -> None:
