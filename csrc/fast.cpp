@@ -21,6 +21,7 @@
 #include <torch/csrc/Device.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -29,8 +30,14 @@
 namespace {
 
 // Interned attribute names and path names, made once at import.
-PyObject *s_act, *s_code, *s_name, *s_param, *s_confirmed, *s_choice, *s_mlp;
+PyObject *s_act, *s_code, *s_name, *s_param, *s_confirmed, *s_choice, *s_mlp, *s_saves_pre;
 PyObject *s_unfused, *s_extension;
+
+// A new reference to o (Py_NewRef, which Pythons before 3.10 lack).
+PyObject* new_ref(PyObject* o) {
+  Py_INCREF(o);
+  return o;
+}
 
 // A new reference to obj.attr (nullptr with an exception set on failure).
 PyObject* attr(PyObject* obj, PyObject* name) { return PyObject_GetAttr(obj, name); }
@@ -76,8 +83,16 @@ struct Spec {
     Py_XDECREF(param_obj);
   }
   // new references for a key tuple
-  PyObject* name_ref() const { return Py_NewRef(name); }
-  PyObject* param_ref() const { return Py_NewRef(param_obj); }
+  PyObject* name_ref() const { return new_ref(name); }
+  PyObject* param_ref() const { return new_ref(param_obj); }
+  // ActivationSpec.saves_pre (a property: read only when training); -1 on error
+  int saves_pre(PyObject* spec) const {
+    PyObject* v = attr(spec, s_saves_pre);
+    if (v == nullptr) return -1;
+    int yes = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return yes;
+  }
   // The gated rows (swiglu, geglu, reglu): csrc/activations.h's gated_base, by code.
   bool gated() const { return code >= 9 && code <= 11; }
 };
@@ -169,6 +184,124 @@ std::vector<int64_t> leading_shape(const at::Tensor& x, int64_t n) {
 
 PyObject* bool_obj(bool v) { return PyBool_FromLong(v); }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> dense_fwd_op(const at::Tensor& x, const at::Tensor& w,
+                                                const c10::optional<at::Tensor>& b, int64_t code,
+                                                double param, bool save_pre) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nnfast_ext::dense_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           int64_t, double, bool)>();
+  return op.call(x, w, b, code, param, save_pre);
+}
+
+// The extension's dense layer with its autograd node in C++ (nnfast/_ops.py's EagerDense without
+// Python on the way: a small layer's forward and backward cost ~25 us less). Like EagerDense it
+// returns the pre-activation too (an internal output through which a double backward reaches
+// it), keeps x, weight and the output or pre-activation, and leaves create_graph backward and a
+// gradient arriving at the pre-activation to nnfast._ops.layer_grads (PyTorch ops on the
+// activation table, differentiable again).
+struct ExtensionDense : public torch::autograd::Function<ExtensionDense> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                               const c10::optional<at::Tensor>& b, int64_t code, double param,
+                               bool saves_pre, std::string name) {
+    auto [out, pre] = dense_fwd_op(x, w, b, code, param, saves_pre);
+    at::Tensor kept = code == 0 ? out.new_empty({0}) : saves_pre ? pre : out;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, w, kept});
+    ctx->saved_data["code"] = code;
+    ctx->saved_data["param"] = param;
+    ctx->saved_data["name"] = std::move(name);
+    ctx->saved_data["has_bias"] = b.has_value();
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = grads[0], &grad_pre = grads[1];
+    const bool needs[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                           ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    variable_list result(7);
+    if (grad_pre.defined() || at::GradMode::is_enabled()) {
+      python_grads(ctx, grad_out, grad_pre, saved, needs, result);
+    } else if (grad_out.defined()) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("nnfast_ext::dense_bwd", "")
+                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t, double, bool, bool, bool)>();
+      auto [gx, gw, gb] = op.call(grad_out, saved[0], saved[1], saved[2],
+                                  ctx->saved_data["code"].toInt(),
+                                  ctx->saved_data["param"].toDouble(), needs[0], needs[1], needs[2]);
+      if (needs[0]) result[0] = gx;
+      if (needs[1]) result[1] = gw;
+      if (needs[2]) result[2] = gb;
+    }
+    return result;
+  }
+
+  // nnfast._ops.layer_grads(grad_out, grad_pre, x, weight, kept, spec, needs, backward_fn)
+  static void python_grads(AutogradContext* ctx, const at::Tensor& grad_out,
+                           const at::Tensor& grad_pre, const variable_list& saved,
+                           const bool* needs, variable_list& result) {
+    pybind11::gil_scoped_acquire gil;
+    auto ops = pybind11::module_::import("nnfast._ops");
+    auto spec = ops.attr("_spec")(ctx->saved_data["name"].toStringRef(),
+                                  ctx->saved_data["param"].toDouble());
+    auto backward_fn = pybind11::module_::import("nnfast._backends.extension").attr("backward");
+    auto none_or = [](const at::Tensor& t) {
+      return t.defined() ? pybind11::cast(t) : pybind11::none();
+    };
+    auto grads = ops.attr("layer_grads")(none_or(grad_out), none_or(grad_pre), saved[0], saved[1],
+                                         saved[2], spec,
+                                         pybind11::make_tuple(needs[0], needs[1], needs[2]),
+                                         backward_fn);
+    for (int i = 0; i < 3; ++i) {
+      pybind11::object g = grads[pybind11::int_(i)];
+      if (needs[i] && !g.is_none()) result[i] = g.cast<at::Tensor>();
+    }
+  }
+};
+
+// The output of ExtensionDense on (M, K) rows, back in x's leading shape.
+// name: the activation's (read with the GIL held: this runs without it).
+at::Tensor extension_dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
+                           const Spec& spec, bool saves_pre, std::string name) {
+  const bool flat = x.dim() == 2;
+  c10::optional<at::Tensor> bias = b != nullptr ? c10::optional<at::Tensor>(*b) : c10::nullopt;
+  auto outs = ExtensionDense::apply(flat ? x : x.reshape({-1, x.size(-1)}), w, bias, spec.code,
+                                    spec.param, saves_pre, std::move(name));
+  return flat ? outs[0] : outs[0].reshape(leading_shape(x, outs[0].size(1)));
+}
+
+// extension_dense(x, weight, bias, spec) -> Tensor: the extension path with autograd (x 2-D or
+// more, arguments valid: nnfast.functional checks them first).
+PyObject* py_extension_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) ||
+      (args[2] != Py_None && !THPVariable_Check(args[2]))) {
+    PyErr_SetString(PyExc_TypeError, "nnfast._C.extension_dense(x, weight, bias, spec)");
+    return nullptr;
+  }
+  Spec spec(args[3]);
+  if (!spec.ok) return nullptr;
+  const int saves_pre = spec.saves_pre(args[3]);
+  if (saves_pre < 0) return nullptr;
+  const at::Tensor* b = args[2] == Py_None ? nullptr : &THPVariable_Unpack(args[2]);
+  std::string name = PyUnicode_AsUTF8(spec.name);
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = extension_dense(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), b, spec,
+                          saves_pre == 1, std::move(name));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 // dense(x, weight, bias, spec, decisions) -> Tensor | str | None; see the top of this file.
 PyObject* fast_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -202,9 +335,11 @@ PyObject* fast_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
     Py_RETURN_NONE;
   }
   const bool unfused = PyUnicode_Compare(choice, s_unfused) == 0;
-  if (!unfused && (needs_grad || PyUnicode_Compare(choice, s_extension) != 0))
-    return choice;  // Python runs it
+  if (!unfused && PyUnicode_Compare(choice, s_extension) != 0) return choice;  // Python runs it
   Py_DECREF(choice);
+  const int saves_pre = needs_grad && !unfused ? spec.saves_pre(args[3]) : 0;
+  if (saves_pre < 0) return nullptr;
+  std::string name = needs_grad && !unfused ? PyUnicode_AsUTF8(spec.name) : "";
   at::Tensor out;
   {  // as functional.dense: (M, K) rows, the result back in x's leading shape
     pybind11::gil_scoped_release no_gil;
@@ -213,16 +348,13 @@ PyObject* fast_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
     const at::Tensor x2 = flat ? *x : x->reshape({-1, k});
     if (unfused) {  // chooser.unfused: act(F.linear(x, weight, bias))
       out = activation(spec.code, spec.param, at::linear(x2, *w, bias));
+      if (!flat && out.defined()) out = out.reshape(leading_shape(*x, out.size(1)));
+    } else if (needs_grad) {
+      out = extension_dense(*x, *w, b, spec, saves_pre == 1, std::move(name));
     } else {  // the extension's kernel (functional._run's inference call)
-      static auto op =
-          c10::Dispatcher::singleton()
-              .findSchemaOrThrow("nnfast_ext::dense_fwd", "")
-              .typed<std::tuple<at::Tensor, at::Tensor>(
-                  const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                  int64_t, double, bool)>();
-      out = std::get<0>(op.call(x2, *w, bias, spec.code, spec.param, false));
+      out = std::get<0>(dense_fwd_op(x2, *w, bias, spec.code, spec.param, false));
+      if (!flat) out = out.reshape(leading_shape(*x, out.size(1)));
     }
-    if (!flat && out.defined()) out = out.reshape(leading_shape(*x, out.size(1)));
   }
   if (!out.defined()) Py_RETURN_NONE;
   return THPVariable_Wrap(std::move(out));
@@ -275,7 +407,7 @@ PyObject* fast_mlp(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) 
     PyTuple_SET_ITEM(widths, i, PyLong_FromLongLong(ws[i]->size(0)));
     PyTuple_SET_ITEM(has_bias, i, bool_obj(bs[i] != nullptr && bs[i]->numel() > 0));
   }
-  PyObject* key = tuple_of({Py_NewRef(s_mlp), THPDevice_New(x->device()),
+  PyObject* key = tuple_of({new_ref(s_mlp), THPDevice_New(x->device()),
                             dtype_obj(x->scalar_type()), spec.name_ref(), spec.param_ref(),
                             PyLong_FromLongLong(mode),
                             PyLong_FromLongLong(m_bucket(m)), PyLong_FromLongLong(k), widths,
@@ -315,6 +447,9 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "nnfast.dense's common call (see csrc/fast.cpp)"},
     {"mlp", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_mlp)), METH_FASTCALL,
      "nnfast.mlp's common call (see csrc/fast.cpp)"},
+    {"extension_dense",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_extension_dense)),
+     METH_FASTCALL, "the extension's dense layer with its autograd node in C++"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define NNFAST_STR2(a) #a
@@ -339,6 +474,7 @@ extern "C" PyObject* NNFAST_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   for (Name n : {Name{&s_act, "act"}, Name{&s_code, "code"}, Name{&s_name, "name"},
                  Name{&s_param, "param"}, Name{&s_confirmed, "confirmed"},
                  Name{&s_choice, "choice"}, Name{&s_mlp, "mlp"}, Name{&s_unfused, "unfused"},
+                 Name{&s_saves_pre, "saves_pre"},
                  Name{&s_extension, "extension"}}) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

@@ -163,9 +163,12 @@ def _path_fns(path: str) -> tuple:
 
 
 def _apply(forward_fn, backward_fn, backend: str, x, weight, bias, act, training: bool):
-    """One dense layer through a backend's functions in eager mode: x (M, K) -> (M, N)."""
+    """One dense layer through a backend's functions in eager mode: x (M, K) -> (M, N). Training
+    on the extension: its autograd node in C++ (csrc/fast.cpp), else ``EagerDense``."""
     if not training:
         return forward_fn(x, weight, bias, act, False)[0]
+    if backend == "extension" and _extension.fast is not None:
+        return _extension.fast.extension_dense(x, weight, bias, act)
     return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn, backend)[0]
 
 
@@ -176,9 +179,7 @@ def _run(
     if path == chooser.UNFUSED:
         return chooser.unfused(x, weight, bias, act)
     forward_fn, backward_fn, backend = _PATH_FNS.get(path) or _path_fns(path)
-    if not training:
-        return forward_fn(x, weight, bias, act, False)[0]
-    return _ops.EagerDense.apply(x, weight, bias, act, forward_fn, backward_fn, backend)[0]
+    return _apply(forward_fn, backward_fn, backend, x, weight, bias, act, training)
 
 
 def _run_any(

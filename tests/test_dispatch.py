@@ -727,3 +727,65 @@ def test_confirmed_paths_on_3d_input_against_float64():
                 for a, s_, e in zip(got, base, want):
                     assert_close(a, s_, e, what)
             chooser._decisions.pop(key)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", None])
+def test_extension_autograd_node_in_cpp(activation):
+    # the extension's training path (its autograd node in C++): gradients as PyTorch's, twice
+    # through a retained graph, under torch.utils.checkpoint (both kinds) and saved-tensor hooks
+    # (what it keeps goes through them, as offloading needs), and create_graph through it
+    from torch.utils.checkpoint import checkpoint
+
+    from helpers import assert_close, torch_dense
+
+    act = resolve(activation)
+    rows = 12 if act.is_gated else 6
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    w = torch.randn(rows, 4, requires_grad=True)
+    b = torch.randn(rows, requires_grad=True)
+    g = torch.randn(2, 5, rows // 2 if act.is_gated else rows)
+
+    def fused(x, w, b):
+        return nnfast.dense(x, w, b, act, backend="extension")
+
+    r64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    out64 = torch_dense(*r64, act)
+    want = torch.autograd.grad(out64, r64, g.double())
+    same = torch.autograd.grad(torch_dense(x, w, b, act), (x, w, b), g)
+    out = fused(x, w, b)
+    nodes = [out.grad_fn] + [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert any("ExtensionDense" in f.name() for f in nodes), [f.name() for f in nodes]
+    assert_close(out, torch_dense(x, w, b, act), out64, "forward")
+    for _ in range(2):  # a retained graph backward twice
+        got = torch.autograd.grad(out, (x, w, b), g, retain_graph=True)
+        for a, s_, e in zip(got, same, want):
+            assert_close(a, s_, e, "grad")
+    for reentrant in (False, True):
+        x.grad = w.grad = b.grad = None
+        checkpoint(fused, x, w, b, use_reentrant=reentrant).backward(g)
+        for a, s_, e in zip((x.grad, w.grad, b.grad), same, want):
+            assert_close(a, s_, e, f"checkpoint reentrant={reentrant}")
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused(x, w, b)
+    assert len(packed) >= 3, packed  # x, weight and the kept tensor
+    got = torch.autograd.grad(out, (x, w, b), g)
+    for a, s_, e in zip(got, same, want):
+        assert_close(a, s_, e, "hooks")
+    # create_graph: the input gradient differentiated again (gradient penalty), vs float64
+    (gx,) = torch.autograd.grad(fused(x, w, b), x, g, create_graph=True)
+    (gx64,) = torch.autograd.grad(torch_dense(*r64, act), r64[0], g.double(), create_graph=True)
+    (gxs,) = torch.autograd.grad(torch_dense(x, w, b, act), x, g, create_graph=True)
+    if activation is not None:  # identity's input gradient does not depend on w through f'
+        got = torch.autograd.grad(gx.square().sum(), (w, b), allow_unused=True)
+        base = torch.autograd.grad(gxs.square().sum(), (w, b), allow_unused=True)
+        ref = torch.autograd.grad(gx64.square().sum(), r64[1:], allow_unused=True)
+        zero = [torch.zeros_like(t) for t in (w, b)]  # an unused input: a zero gradient
+        for a, s_, e, z in zip(got, base, ref, zero):
+            if e is not None:
+                assert_close(z if a is None else a, z if s_ is None else s_, e, "second order")
