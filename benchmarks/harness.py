@@ -12,6 +12,7 @@ import argparse
 import csv
 import datetime as _dt
 import platform
+import random
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -125,8 +126,11 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Median time per call of every provider, measured side by side: on the CPU in ``rounds``
     rounds, each timing every provider in turn for about ``min_run_time / rounds`` seconds (so the
-    machine's drift and other tenants hit all providers alike); median and interquartile range
-    over the rounds. On a GPU each provider goes through ``time_fn`` (do_bench is stable there)."""
+    machine's drift and other tenants hit all providers alike), in a new order every round (a
+    slice pays for what the slice before it left in the caches and thread pools: in a fixed order
+    two identical providers measured up to 15% apart on the 2-core Xeon, shuffled within 2%);
+    median and interquartile range over the rounds. On a GPU each provider goes through
+    ``time_fn`` (do_bench is stable there)."""
     if device == "cuda":
         for fn in fns.values():
             fn()
@@ -151,8 +155,11 @@ def time_interleaved(
     # calls slower than a slice: fewer rounds (at least 5), about 3x min_run_time per provider
     rounds = max(5, min(rounds, int(3 * min_run_time / slowest)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle  # the same orders in every run
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()

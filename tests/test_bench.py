@@ -145,3 +145,19 @@ def test_settle_times_after_the_decisions_are_final(monkeypatch):
         chooser.clear()
         chooser._decisions.update(saved)
     assert harness.HEAP in ("glibc heap kept (mallopt)", "default allocator")
+
+
+def test_time_interleaved_shuffles_the_order_every_round():
+    # a slice pays for what the slice before it left behind: no provider may always go first
+    import harness
+
+    seen: list[str] = []
+    fns = {name: (lambda name=name: seen.append(name)) for name in "abcd"}
+    timings = harness.time_interleaved(fns, "cpu", min_run_time=0.02, rounds=12)
+    assert set(timings) == set("abcd")
+    calls = {name: seen.count(name) for name in "abcd"}
+    # after the warm-up, the rounds: which provider opened each one (runs of one name's calls)
+    runs = [name for i, name in enumerate(seen) if i == 0 or seen[i - 1] != name]
+    firsts = {tuple(runs[i : i + 4]) for i in range(4 * 2, len(runs) - 3, 4)}
+    assert len(firsts) > 1, "the same order every round"
+    assert all(n > 12 for n in calls.values()), calls

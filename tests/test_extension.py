@@ -87,6 +87,14 @@ def test_jit_build_from_clean_cache(tmp_path):
         "x = torch.randn(5, 3)\n"
         "y = nnfast.dense(x, torch.randn(4, 3), None, 'relu', backend='extension')\n"
         "assert y.shape == (5, 4) and (y >= 0).all()\n"
+        # the JIT-built library is the Python module too: the front end's fast path and the
+        # extension's autograd node in C++
+        "assert extension.fast is not None and extension.fast.__name__ == 'nnfast_C'\n"
+        "w = torch.randn(4, 3, requires_grad=True)\n"
+        "out = nnfast.dense(x, w, None, 'gelu', backend='extension')\n"
+        "assert 'ExtensionDense' in out.grad_fn.name(), out.grad_fn.name()\n"
+        "out.sum().backward()\n"
+        "assert w.grad is not None and w.grad.abs().sum() > 0\n"
     )
     env = {**os.environ, "NNFAST_FORCE_JIT": "1", "NNFAST_CACHE": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
