@@ -789,3 +789,45 @@ def test_extension_autograd_node_in_cpp(activation):
         for a, s_, e, z in zip(got, base, ref, zero):
             if e is not None:
                 assert_close(z if a is None else a, z if s_ is None else s_, e, "second order")
+
+
+def test_fast_path_keeps_reference_counts():
+    # csrc/fast.cpp builds keys and reads attributes through the C API: every object it touches
+    # has the same reference count after many calls as before (a leak or an early free shows)
+    import sys
+
+    fast = _fast()
+    act = resolve(torch.nn.LeakyReLU(0.25))
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    ws, bs = [torch.randn(5, 4), torch.randn(2, 5)], [b, None]
+    dense_key = chooser.key_of(x, w, b, act, False)
+    mlp_key = chooser.mlp_key(x, ws, bs, act, 0)
+    for choice in (chooser.UNFUSED, "extension", "probe"):
+        decisions = {**_confirmed(dense_key, choice), **_confirmed(mlp_key, choice)}
+        watched = [act.act.name, act.param, torch.float32, choice, decisions[dense_key], x, w, b]
+        before = [sys.getrefcount(o) for o in watched]
+        for _ in range(2000):
+            fast.dense(x, w, b, act, decisions)
+            fast.mlp(x, ws, bs, act, decisions)
+            fast.dense(x, w, b, act, {})  # not found
+        assert [sys.getrefcount(o) for o in watched] == before, choice
+
+
+def test_trial_rounds_rotate_the_order(monkeypatch):
+    # a timed block pays for what the block before it left behind: every path must take every
+    # position, not always run after the same other path
+    seen, blocks = [], []
+    timed = chooser._timed
+
+    def recording(run, x):
+        t = timed(run, x)
+        blocks.append(seen[-1])
+        return t
+
+    monkeypatch.setattr(chooser, "_timed", recording)
+    monkeypatch.setattr(chooser, "_BUDGET_S", 0.0)  # the minimum: 3 rounds
+    x = torch.randn(2, 3)
+    paths = ["a", "b", "c"]
+    chooser.time_paths(paths, x, [x], False, lambda p, x, training: seen.append(p))
+    rounds = [blocks[i : i + 3] for i in range(len(paths), len(blocks), 3)]  # after the warm-up
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]], rounds
