@@ -181,6 +181,15 @@ def test_a_near_tie_goes_to_the_unfused_path():
     assert chooser.pick({"extension": u * (1 - 2 * chooser.MARGIN), "unfused": u}) == "extension"
     assert chooser.pick({"extension": 2.0, "onednn": 0.5, "unfused": u}) == "onednn"
     assert chooser.pick({"extension": 2.0, "unfused": u}) == "unfused"
+    # training steps vary more: a wider margin there
+    between = {"extension": u * (1 - (chooser.MARGIN + chooser.TRAIN_MARGIN) / 2), "unfused": u}
+    assert chooser.pick(between) == "extension"
+    assert chooser.pick(between, training=True) == "unfused"
+
+
+def test_trials_rotate_within_twice_the_last_level_cache():
+    budget = chooser._rotate_budget("cpu")
+    assert 64 * 2**20 <= budget <= 256 * 2**20
 
 
 def _mlp_args(widths=(6, 16, 16, 3), m=40, bias=True):
@@ -457,7 +466,7 @@ def _layouts(m: int, k: int, n: int, rows: int):
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("m", [0, 1, 7])
 def test_confirmed_path_every_layout_against_float64(activation, training, m, monkeypatch):
-    # every path the dispatcher can confirm, run by dense()'s one-pass route (the general route's
+    # every path the dispatcher can confirm, run by dense()'s C++ fast path (the general route's
     # measuring is made to fail, so a call that reached it would show), against float64
     from helpers import assert_close, torch_dense
 
