@@ -142,15 +142,24 @@ bool valid_layer(const at::Tensor& x, int64_t width, const at::Tensor& w, const 
   return true;
 }
 
-// The confirmed choice for key in decisions (a new reference to its str), else nullptr (no error).
+// The confirmed choice for key in decisions (a new reference to its str), else nullptr: no
+// decision (no error set) or an error. Steals key (nullptr: an error building it).
 PyObject* confirmed_choice(PyObject* decisions, PyObject* key) {
+  if (key == nullptr) return nullptr;
   PyObject* decision = PyDict_GetItemWithError(decisions, key);  // borrowed
+  Py_DECREF(key);
   if (decision == nullptr) return nullptr;
   PyObject* confirmed = attr(decision, s_confirmed);
   if (confirmed == nullptr) return nullptr;
   int yes = PyObject_IsTrue(confirmed);
   Py_DECREF(confirmed);
   return yes == 1 ? attr(decision, s_choice) : nullptr;
+}
+
+// What a fast-path function returns when confirmed_choice gave nothing: None, or the error.
+PyObject* none_or_error() {
+  if (PyErr_Occurred()) return nullptr;
+  Py_RETURN_NONE;
 }
 
 // Steals every reference in items; nullptr if any is nullptr.
@@ -266,19 +275,8 @@ struct ExtensionDense : public torch::autograd::Function<ExtensionDense> {
   }
 };
 
-// The output of ExtensionDense on (M, K) rows, back in x's leading shape.
-// name: the activation's (read with the GIL held: this runs without it).
-at::Tensor extension_dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
-                           const Spec& spec, bool saves_pre, std::string name) {
-  const bool flat = x.dim() == 2;
-  c10::optional<at::Tensor> bias = b != nullptr ? c10::optional<at::Tensor>(*b) : c10::nullopt;
-  auto outs = ExtensionDense::apply(flat ? x : x.reshape({-1, x.size(-1)}), w, bias, spec.code,
-                                    spec.param, saves_pre, std::move(name));
-  return flat ? outs[0] : outs[0].reshape(leading_shape(x, outs[0].size(1)));
-}
-
-// extension_dense(x, weight, bias, spec) -> Tensor: the extension path with autograd (x 2-D or
-// more, arguments valid: nnfast.functional checks them first).
+// extension_dense(x, weight, bias, spec) -> Tensor: ExtensionDense's output (x (M, K),
+// arguments valid: nnfast.functional checks them first).
 PyObject* py_extension_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 4 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) ||
@@ -290,13 +288,16 @@ PyObject* py_extension_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize
   if (!spec.ok) return nullptr;
   const int saves_pre = spec.saves_pre(args[3]);
   if (saves_pre < 0) return nullptr;
-  const at::Tensor* b = args[2] == Py_None ? nullptr : &THPVariable_Unpack(args[2]);
+  c10::optional<at::Tensor> bias;
+  if (args[2] != Py_None) bias = THPVariable_Unpack(args[2]);
   std::string name = PyUnicode_AsUTF8(spec.name);
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = extension_dense(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), b, spec,
-                          saves_pre == 1, std::move(name));
+    const at::Tensor& x = THPVariable_Unpack(args[0]);
+    TORCH_CHECK(x.dim() == 2, "nnfast._C.extension_dense: x must be 2-D (M, K), got ", x.sizes());
+    out = ExtensionDense::apply(x, THPVariable_Unpack(args[1]), bias, spec.code, spec.param,
+                                saves_pre == 1, std::move(name))[0];
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -323,17 +324,12 @@ PyObject* fast_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
       at::GradMode::is_enabled() &&
       (x->requires_grad() || w->requires_grad() || (b != nullptr && b->requires_grad()));
   // chooser.key_of
-  PyObject* key = tuple_of({THPDevice_New(x->device()), dtype_obj(x->scalar_type()),
-                            spec.name_ref(), spec.param_ref(), bool_obj(needs_grad),
-                            bool_obj(b != nullptr), PyLong_FromLongLong(m_bucket(m)),
-                            PyLong_FromLongLong(w->size(0)), PyLong_FromLongLong(k)});
-  if (key == nullptr) return nullptr;
-  PyObject* choice = confirmed_choice(args[4], key);
-  Py_DECREF(key);
-  if (choice == nullptr) {
-    if (PyErr_Occurred()) return nullptr;
-    Py_RETURN_NONE;
-  }
+  PyObject* choice = confirmed_choice(
+      args[4], tuple_of({THPDevice_New(x->device()), dtype_obj(x->scalar_type()),
+                         spec.name_ref(), spec.param_ref(), bool_obj(needs_grad),
+                         bool_obj(b != nullptr), PyLong_FromLongLong(m_bucket(m)),
+                         PyLong_FromLongLong(w->size(0)), PyLong_FromLongLong(k)}));
+  if (choice == nullptr) return none_or_error();
   const bool unfused = PyUnicode_Compare(choice, s_unfused) == 0;
   if (!unfused && PyUnicode_Compare(choice, s_extension) != 0) return choice;  // Python runs it
   Py_DECREF(choice);
@@ -348,13 +344,13 @@ PyObject* fast_dense(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
     const at::Tensor x2 = flat ? *x : x->reshape({-1, k});
     if (unfused) {  // chooser.unfused: act(F.linear(x, weight, bias))
       out = activation(spec.code, spec.param, at::linear(x2, *w, bias));
-      if (!flat && out.defined()) out = out.reshape(leading_shape(*x, out.size(1)));
     } else if (needs_grad) {
-      out = extension_dense(*x, *w, b, spec, saves_pre == 1, std::move(name));
+      out = ExtensionDense::apply(x2, *w, bias, spec.code, spec.param, saves_pre == 1,
+                                  std::move(name))[0];
     } else {  // the extension's kernel (functional._run's inference call)
       out = std::get<0>(dense_fwd_op(x2, *w, bias, spec.code, spec.param, false));
-      if (!flat) out = out.reshape(leading_shape(*x, out.size(1)));
     }
+    if (!flat && out.defined()) out = out.reshape(leading_shape(*x, out.size(1)));
   }
   if (!out.defined()) Py_RETURN_NONE;
   return THPVariable_Wrap(std::move(out));
@@ -407,18 +403,12 @@ PyObject* fast_mlp(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) 
     PyTuple_SET_ITEM(widths, i, PyLong_FromLongLong(ws[i]->size(0)));
     PyTuple_SET_ITEM(has_bias, i, bool_obj(bs[i] != nullptr && bs[i]->numel() > 0));
   }
-  PyObject* key = tuple_of({new_ref(s_mlp), THPDevice_New(x->device()),
-                            dtype_obj(x->scalar_type()), spec.name_ref(), spec.param_ref(),
-                            PyLong_FromLongLong(mode),
-                            PyLong_FromLongLong(m_bucket(m)), PyLong_FromLongLong(k), widths,
-                            has_bias});
-  if (key == nullptr) return nullptr;
-  PyObject* choice = confirmed_choice(args[4], key);
-  Py_DECREF(key);
-  if (choice == nullptr) {
-    if (PyErr_Occurred()) return nullptr;
-    Py_RETURN_NONE;
-  }
+  PyObject* choice = confirmed_choice(
+      args[4], tuple_of({new_ref(s_mlp), THPDevice_New(x->device()), dtype_obj(x->scalar_type()),
+                         spec.name_ref(), spec.param_ref(), PyLong_FromLongLong(mode),
+                         PyLong_FromLongLong(m_bucket(m)), PyLong_FromLongLong(k), widths,
+                         has_bias}));
+  if (choice == nullptr) return none_or_error();
   if (PyUnicode_Compare(choice, s_unfused) != 0) return choice;  // the fused MLP: Python runs it
   Py_DECREF(choice);
   at::Tensor h;

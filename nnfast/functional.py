@@ -178,21 +178,23 @@ def _run(
     """One dense layer through a dispatcher path in eager mode."""
     if path == chooser.UNFUSED:
         return chooser.unfused(x, weight, bias, act)
-    forward_fn, backward_fn, backend = _PATH_FNS.get(path) or _path_fns(path)
-    return _apply(forward_fn, backward_fn, backend, x, weight, bias, act, training)
+    return _apply(*_path_fns(path), x, weight, bias, act, training)
 
 
 def _run_any(
     path: str, x: Tensor, weight: Tensor, bias: Tensor | None, act: ActivationSpec
 ) -> Tensor:
     """``_run`` for x of any number of dimensions (flattened to rows and back)."""
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = _needs_grad(x, weight, bias)
     if x.dim() == 2:
         return _run(path, x, weight, bias, act, needs_grad)
     out = _run(path, x.reshape(-1, x.shape[-1]), weight, bias, act, needs_grad)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call: grad mode on and any tensor requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _plain_eager(*tensors: Tensor | None) -> bool:
@@ -256,9 +258,7 @@ def dense(
         return chooser.unfused(x, weight, bias, act)
     flat = x.dim() == 2  # no reshape: the output is not a view (FSDP2 warns about views)
     x2 = x if flat else x.reshape(-1, x.shape[-1])  # copies only when dims cannot be flattened
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = _needs_grad(x, weight, bias)
     if route == EAGER:
         if _explicit(backend) or not chooser.measuring():
             name = _backends.select(backend, x.device.type, x.dtype)
@@ -393,9 +393,7 @@ def mlp(
         if not checkpoint and not _explicit(backend) and chooser.measuring():
             path = None  # measured
         return _mlp_path(path, x, weights, biases, act, name, checkpoint)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *weights, *biases)
-    )
+    needs_grad = _needs_grad(x, *weights, *biases)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     biases = [x.new_empty(0) if b is None else b for b in biases]
     out, _ = _ops.mlp_fwd(
@@ -409,9 +407,7 @@ def _mlp_path(path, x, weights, biases, act, backend: str, checkpoint: bool) -> 
     number of dimensions (flattened to rows and back)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *weights, *biases)
-    )
+    needs_grad = _needs_grad(x, *weights, *biases)
     # a missing bias is an empty tensor: the op's autograd needs a list of tensors to return one
     # gradient per bias (a list holding None is a single leaf to it)
     biases = [x.new_empty(0) if b is None else b for b in biases]

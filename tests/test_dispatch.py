@@ -693,6 +693,8 @@ def test_fast_path_declines_what_it_does_not_check():
         assert fast.dense(*args, act, yes) is None, what
         assert fast.dense(*args, act, everything) is None, what
     assert fast.dense(x, torch.randn(5, 4), b, resolve("swiglu"), yes) is None  # odd gated rows
+    with pytest.raises(RuntimeError, match="x must be 2-D"):  # the node takes (M, K) rows
+        fast.extension_dense(torch.randn(2, 3, 4), w, b, act)
     ws, bs = [torch.randn(5, 4), torch.randn(2, 5)], [None, None]
     mkey = chooser.mlp_key(x, ws, bs, act, 0)
     assert isinstance(fast.mlp(x, ws, bs, act, _confirmed(mkey, chooser.UNFUSED)), torch.Tensor)

@@ -7,10 +7,9 @@ lookup). On the first call for a key (device, dtype, activation and its paramete
 inference, bias or not, M rounded up to a power of two, N, K) every path that can run it is
 timed on that call's own tensors, interleaved, medians; the fastest is kept if it beats the
 unfused path by at least ``MARGIN`` (3%; ``TRAIN_MARGIN``, 5%, in training), else the unfused
-path (a near-tie is noise). After
-``CONFIRM_AFTER`` calls with the key (or ``CONFIRM_AFTER_S`` seconds, for slow calls) the
-measurement is made once more, in the steady state, and that one is final (and the one kept on
-disk).
+path (a near-tie is noise). After ``CONFIRM_AFTER`` calls with the key (or ``CONFIRM_AFTER_S``
+seconds, for slow calls) the measurement is made once more, in the steady state, and that one is
+final (and the one kept on disk).
 
 Explicit ``backend=`` and ``NNFAST_BACKEND`` bypass it. ``NNFAST_DISPATCH=fixed`` (or
 ``set_dispatch("fixed")``) turns measuring off: the fixed order of ``nnfast._backends.select``.
@@ -413,12 +412,6 @@ def _decide(key: tuple, x: Tensor, measure_fn) -> str:
 def _log(decision: Decision) -> None:
     if os.environ.get("NNFAST_DISPATCH_LOG", "0") == "1":
         print(f"nnfast dispatch: {decision.describe()}", file=sys.stderr, flush=True)
-
-
-def confirmed(key: tuple) -> str | None:
-    """The final choice for ``key`` (None while it is not made or not confirmed yet)."""
-    d = _decisions.get(key)
-    return d.choice if d is not None and d.confirmed else None
 
 
 def cached(key: tuple) -> str | None:
